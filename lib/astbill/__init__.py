@@ -1,0 +1,1 @@
+"""AstBill: real-time prepaid billing for Asterisk."""

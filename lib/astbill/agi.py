@@ -1,0 +1,134 @@
+"""The AGI channel: Asterisk's side of the pipe, as Asterisk 20 really speaks it.
+
+Written against recorded Asterisk 20 dialogues rather than folklore:
+
+* ``200 result=-1`` from EXEC Dial is what every answered call without the
+  ``g`` option returns, callee hangup included; it is a result, not an error.
+* A caller hangup sends SIGHUP, which would kill Python.  The script
+  records it (see ``note_hangup``) and carries on: GET/SET VARIABLE still
+  work afterwards, so the call can be settled with its real talk time.
+* ``511`` answers commands that need a live channel once the caller is gone.
+* With ``AGIEXITONHANGUP=yes`` the pipe closes: EOF on read, EPIPE on write.
+  Both raise ``Hangup``; nothing more can be asked of Asterisk then.
+
+pyst2 gets the first three wrong (it raises on ``result=-1``, turns every
+command after SIGHUP into an exception and writes debug lines to Asterisk's
+console), so the protocol is spoken here directly; it is small.
+"""
+
+MAX_LINE = 8192
+
+
+class Hangup(Exception):
+    """The AGI pipe is closed: Asterisk has gone away from this call."""
+
+
+class AGIError(Exception):
+    """Asterisk sent something that is not AGI; the message is one line."""
+
+
+class Reply:
+    __slots__ = ("code", "result", "data")
+
+    def __init__(self, code, result, data):
+        self.code = code
+        self.result = result
+        self.data = data
+
+
+def quote(text):
+    """One AGI argument in double quotes, escaped as res_agi unescapes it."""
+    return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def parse_reply(line):
+    """``200 result=1 (value)`` -> Reply(200, '1', 'value'); data None if absent."""
+    code, _, rest = line.partition(" ")
+    if len(code) != 3 or not code.isdigit():
+        raise AGIError(f"not an AGI reply: {line[:80]!r}")
+    if code != "200":
+        return Reply(int(code), None, rest)
+    if not rest.startswith("result="):
+        raise AGIError(f"not an AGI reply: {line[:80]!r}")
+    result, _, tail = rest[7:].partition(" ")
+    data = None
+    if tail.startswith("(") and ")" in tail:
+        data = tail[1:tail.rindex(")")]
+    return Reply(200, result, data)
+
+
+class Channel:
+    """The call's channel as seen through AGI on stdin/stdout."""
+
+    def __init__(self, rfile, wfile):
+        self._r = rfile
+        self._w = wfile
+        self.hungup = False
+        self.env = {}
+
+    def note_hangup(self, *_signal):
+        """SIGHUP handler: the caller hung up; keep going and settle."""
+        self.hungup = True
+
+    def _readline(self):
+        raw = self._r.readline(MAX_LINE + 1)
+        if not raw:
+            raise Hangup("AGI pipe closed")
+        if len(raw) > MAX_LINE or not raw.endswith(b"\n"):
+            raise AGIError("AGI line too long or cut short")
+        try:
+            return raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise AGIError("AGI line is not UTF-8") from None
+
+    def read_env(self):
+        """Read the ``agi_*`` block Asterisk sends first, up to its blank line."""
+        env = self.env
+        while True:
+            line = self._readline()
+            if not line:
+                return env
+            key, sep, value = line.partition(": ")
+            if not sep and line.endswith(":"):
+                key, sep, value = line[:-1], ":", ""
+            if not sep or not key.startswith("agi_"):
+                raise AGIError(f"not an AGI environment line: {line[:80]!r}")
+            env[key] = value
+
+    def command(self, text):
+        try:
+            self._w.write(text.encode("utf-8") + b"\n")
+            self._w.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            raise Hangup("AGI pipe closed") from None
+        line = self._readline()
+        while line.startswith("520-"):  # multi-line usage text, ends with "520 "
+            line = self._readline()
+        return parse_reply(line)
+
+    def get(self, name):
+        """A channel variable's value; None when it was never set."""
+        reply = self.command(f"GET VARIABLE {name}")
+        if reply.code != 200:
+            raise AGIError(f"GET VARIABLE {name} answered {reply.code}")
+        return reply.data if reply.result == "1" else None
+
+    def get_full(self, expression):
+        """Asterisk's expansion of ``expression`` (``${A}|${B}`` ...)."""
+        reply = self.command(f"GET FULL VARIABLE {quote(expression)}")
+        if reply.code != 200:
+            raise AGIError(f"GET FULL VARIABLE answered {reply.code}")
+        return reply.data or ""
+
+    def set(self, name, value):
+        return self.command(f"SET VARIABLE {name} {quote(value)}").code == 200
+
+    def verbose(self, message, level=1):
+        return self.command(f"VERBOSE {quote(message)} {level}").code == 200
+
+    def exec(self, app, args):
+        """Run a dialplan application; its result as an int (Dial: -1 or 0)."""
+        reply = self.command(f"EXEC {app} {quote(args)}")
+        if reply.code != 200 or not reply.result.lstrip("-").isdigit():
+            raise AGIError(f"EXEC {app} answered {reply.code} {reply.result}")
+        return int(reply.result)

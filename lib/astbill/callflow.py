@@ -1,0 +1,203 @@
+"""One outbound call, top to bottom: identify, authorize, dial, settle.
+
+This module knows the story of a call and nothing of SQL: the credit
+ledger (``credit``) and the database (``store``) are behind narrow calls,
+and the channel (``agi``) is the only way to Asterisk.
+"""
+import time
+
+from . import credit, spool
+from .agi import AGIError, Hangup
+from .credit import ERROR, INVALID, NOACCOUNT, OK
+from .money import fmt
+from .rating import normalize_destination
+from .store import StoreError, open_store
+
+SETTLE_ATTEMPTS = 3
+
+
+class Refused(Exception):
+    """The call may not be made; ``status`` goes to ASTBILL_STATUS."""
+
+    def __init__(self, status, reason):
+        super().__init__(reason)
+        self.status = status
+
+
+class Call:
+    """What the channel told us about the call, checked."""
+    __slots__ = ("uniqueid", "account", "number", "cdr", "started", "pre_up_ms",
+                 "pre_read_at")
+
+
+def handle(channel, settings):
+    """Bill one call on ``channel``.  Never raises for anything Asterisk
+    or the database does; the dialplan learns the outcome from
+    ASTBILL_STATUS and Asterisk's log gets one line."""
+    try:
+        call = identify(channel, settings)
+        decision = authorize(call, settings)
+    except Refused as refusal:
+        return refuse(channel, refusal.status, str(refusal))
+    except (StoreError, OSError) as exc:
+        return refuse(channel, ERROR, str(exc))
+    if decision.status != OK:
+        return refuse(channel, decision.status, f"account {call.account} to {call.number}")
+    channel.set("ASTBILL_STATUS", OK)
+    channel.set("ASTBILL_MAXSECS", decision.max_secs)
+
+    try:
+        outcome = dial(channel, call, decision, settings)
+    except (Hangup, AGIError) as exc:
+        # Asterisk can no longer say how the call went; the reservation
+        # stays for the sweeper, which knows the longest it could have lasted.
+        log(channel, f"{call.uniqueid} left for the sweeper: {exc}")
+        return
+    settlement = settle(call, outcome, settings)
+    if settlement is not None:
+        channel.set("ASTBILL_COST", fmt(settlement.cost))
+        channel.set("ASTBILL_BILLSEC", settlement.billsec)
+
+
+def identify(channel, settings):
+    """The call's account, number and CDR fields, from the AGI environment."""
+    env = channel.env
+    call = Call()
+    call.started = time.time()
+    call.uniqueid = env.get("agi_uniqueid", "")
+    if not (0 < len(call.uniqueid) <= 150 and call.uniqueid.replace(".", "").replace(
+            "-", "").replace("_", "").isalnum() and call.uniqueid.isascii()):
+        raise Refused(INVALID, f"bad uniqueid {call.uniqueid[:40]!r}")
+    source = settings["account_source"]
+    variable = source[9:] if source.startswith("variable:") else None
+    wanted = "${CHANNEL(state)}|${CDR(billsec,f)}|${CHANNEL(linkedid)}"
+    if variable:
+        wanted += "|${%s}" % variable
+    fields = channel.get_full(wanted).split("|", 3)
+    call.pre_read_at = time.monotonic()
+    fields += [""] * (4 - len(fields))
+    call.pre_up_ms = seconds_to_ms(fields[1]) if fields[0] == "Up" else 0
+
+    callerid = env.get("agi_callerid", "")
+    callerid = "" if callerid == "unknown" else callerid
+    if variable:
+        account = fields[3]
+    elif source == "callerid":
+        account = callerid
+    else:
+        account = env.get("agi_accountcode", "")
+    if not account:
+        raise Refused(NOACCOUNT, "no account on the channel")
+    if len(account) > 80 or not account.isprintable():
+        raise Refused(INVALID, f"bad account {account[:40]!r}")
+    call.account = account
+
+    dialled = env.get("agi_arg_1") or env.get("agi_extension", "")
+    call.number = normalize_destination(dialled, settings["international_prefix"],
+                                        settings["national_prefix"], settings["country_code"])
+    if call.number is None:
+        raise Refused(INVALID, f"bad destination {dialled[:40]!r}")
+
+    name = env.get("agi_calleridname", "")
+    name = "" if name == "unknown" else name
+    call.cdr = {"uniqueid": call.uniqueid, "clid": f'"{name}" <{callerid}>'[:80],
+                "src": callerid[:80], "dst": call.number, "dcontext": env.get("agi_context", "")[:80],
+                "channel": env.get("agi_channel", "")[:80], "lastapp": "Dial",
+                "accountcode": env.get("agi_accountcode", "")[:80],
+                "linkedid": (fields[2] or call.uniqueid)[:150]}
+    return call
+
+
+def authorize(call, settings):
+    store = open_store(settings)
+    try:
+        rate = credit.find_rate(store, call)
+        if not isinstance(rate, credit.Rate):
+            return credit.Decision(rate)
+        call.cdr["lastdata"] = dial_string(call, settings, rate.tariff)[:255]
+        return credit.reserve(store, call, rate, settings)
+    finally:
+        # No connection stays open while the call is up.
+        store.close()
+
+
+def dial(channel, call, decision, settings):
+    """Dial with the granted limit enforced by Asterisk; how the call ended."""
+    if channel.hungup:
+        return credit.Outcome("CANCEL", 0, int(time.time() - call.started))
+    dial_started = time.monotonic()
+    channel.exec("Dial", dial_args(call, decision, settings))
+    # Dial's result is -1 after every answered call without the g option,
+    # and after a caller hangup; DIALSTATUS says what happened.
+    fields = channel.get_full("${DIALSTATUS}|${ANSWEREDTIME_MS}|${ANSWEREDTIME}|"
+                              "${CDR(billsec,f)}|${DIALEDPEERNAME}").split("|", 4)
+    fields += [""] * (5 - len(fields))
+    dialstatus, answered_ms, answered_s, billsec_f, peer = fields
+    up_ms = first_time_ms(answered_ms, answered_s, billsec_f)
+    if dialstatus == "" and up_ms:
+        dialstatus = "ANSWER"  # never let a missing status make a talked call free
+    # ANSWEREDTIME counts from the caller's answer: a caller answered before
+    # the Dial (IVR, PIN prompt) must not pay for that time.
+    pre_up = 0
+    if call.pre_up_ms:
+        pre_up = call.pre_up_ms + int((dial_started - call.pre_read_at) * 1000)
+    talk_ms = max(up_ms - pre_up, 0)
+    return credit.Outcome(dialstatus, talk_ms, int(time.time() - call.started), peer)
+
+
+def settle(call, outcome, settings):
+    """Settle now; if the database will not take it, spool it for replay."""
+    store = open_store(settings)
+    try:
+        for attempt in range(SETTLE_ATTEMPTS):
+            try:
+                return credit.settle(store, call.uniqueid, outcome, settings["decimals"])
+            except StoreError:
+                if attempt + 1 == SETTLE_ATTEMPTS:
+                    break
+                store.close()
+                time.sleep(0.5 * (attempt + 1))
+    finally:
+        store.close()
+    spool.write(settings["spool_dir"], call.uniqueid, outcome)
+    return None
+
+
+def dial_string(call, settings, tariff):
+    template = settings["tariffs"].get(tariff, {}).get("dial") or settings["dial"]
+    return template.format(number=call.number)
+
+
+def dial_args(call, decision, settings):
+    limit = f"L({decision.max_secs * 1000}"
+    warning = settings["warning_secs"]
+    if 0 < warning < decision.max_secs:
+        limit += f":{warning * 1000}"
+    return f"{call.cdr['lastdata']},{settings['ring_timeout']},{settings['dial_options']}{limit})"
+
+
+def refuse(channel, status, reason):
+    channel.set("ASTBILL_STATUS", status)
+    channel.set("ASTBILL_MAXSECS", 0)
+    log(channel, f"{status} {reason}")
+
+
+def log(channel, message):
+    channel.verbose(f"astbill: {message}")
+
+
+def seconds_to_ms(text):
+    """'3.503239' (CDR billsec,f) -> 3503; '' -> 0."""
+    whole, _, frac = text.partition(".")
+    if not whole.isdigit() or (frac and not frac.isdigit()):
+        return 0
+    return int(whole) * 1000 + int((frac + "000")[:3])
+
+
+def first_time_ms(answered_ms, answered_s, billsec_f):
+    """The caller's answered time in ms, from the best source Asterisk gave."""
+    if answered_ms.isdigit():
+        return int(answered_ms)
+    if answered_s.isdigit():
+        return int(answered_s) * 1000
+    return seconds_to_ms(billsec_f)

@@ -1,0 +1,158 @@
+"""The configuration file: found, read, checked and cached.
+
+The YAML file is the source of truth.  Parsing YAML costs more than the
+rest of a call's start-up, so the checked settings are cached as JSON
+beside it (mode 0600, it holds the database password) and reused while the
+YAML file's size and mtime are unchanged.
+"""
+import json
+import os
+
+DEFAULT_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "conf", "astbill.yaml")
+
+DEFAULTS = {
+    "account_source": "accountcode",
+    "international_prefix": "00",
+    "national_prefix": "",
+    "country_code": "",
+    "max_call_secs": 3600,
+    "ring_timeout": 60,
+    "dial_options": "",
+    "warning_secs": 0,
+    "decimals": 4,
+    "lock_wait_secs": 3,
+    "on_db_error": "refuse",
+    "db_error_allow_secs": 60,
+    "spool_dir": "/var/spool/astbill",
+    "sweep_grace_secs": 300,
+    "sweep_policy": "release",
+    "asterisk_cdr_table": "",
+    "database_password_env": "",
+    "tariffs": {},
+}
+_TYPES = {
+    "database": str, "account_source": str, "international_prefix": str,
+    "national_prefix": str, "country_code": str, "max_call_secs": int,
+    "ring_timeout": int, "dial": str, "dial_options": str, "warning_secs": int,
+    "decimals": int, "lock_wait_secs": int, "on_db_error": str,
+    "db_error_allow_secs": int, "spool_dir": str, "sweep_grace_secs": int,
+    "sweep_policy": str, "asterisk_cdr_table": str, "database_password_env": str,
+    "tariffs": dict,
+}
+_CHOICES = {"on_db_error": ("refuse", "allow"), "sweep_policy": ("release", "charge")}
+_RANGES = {"max_call_secs": (1, 86400), "ring_timeout": (1, 600),
+           "warning_secs": (0, 3600), "decimals": (0, 6),
+           "lock_wait_secs": (1, 60), "db_error_allow_secs": (1, 600),
+           "sweep_grace_secs": (0, 86400)}
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says why, in one line."""
+
+
+def config_path(explicit=None):
+    return explicit or os.environ.get("ASTBILL_CONFIG") or DEFAULT_PATH
+
+
+def load(path=None):
+    """The checked settings of the config file at ``path`` (see config_path)."""
+    path = config_path(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    stamp = [st.st_size, st.st_mtime_ns]
+    cache = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".cache.json")
+    settings = _read_cache(cache, stamp)
+    if settings is None:
+        settings = check(_parse_yaml(path), path)
+        _write_cache(cache, stamp, settings)
+    # Relative sqlite:// paths are relative to the config file.
+    settings["config_dir"] = os.path.dirname(os.path.abspath(path))
+    return settings
+
+
+def _parse_yaml(path):
+    import yaml
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else ""
+        raise ConfigError(f"config {path}{line}: not valid YAML") from None
+
+
+def check(raw, path="config"):
+    """Settings with defaults filled in, or ConfigError naming the bad key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings")
+    unknown = sorted(set(raw) - set(_TYPES))
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting {unknown[0]!r}")
+    for key in ("database", "dial"):
+        if key not in raw:
+            raise ConfigError(f"{path}: missing setting {key!r}")
+    settings = dict(DEFAULTS, **raw)
+    for key, kind in _TYPES.items():
+        value = settings[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ConfigError(f"{path}: {key} must be {kind.__name__}, not {type(value).__name__}")
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise ConfigError(f"{path}: {key} must be one of {', '.join(_CHOICES[key])}")
+        if key in _RANGES and not _RANGES[key][0] <= value <= _RANGES[key][1]:
+            raise ConfigError(f"{path}: {key} must be between {_RANGES[key][0]} and {_RANGES[key][1]}")
+    scheme = settings["database"].split("://", 1)[0]
+    if scheme not in ("sqlite", "mysql"):
+        raise ConfigError(f"{path}: database must be a sqlite:// or mysql:// URL")
+    source = settings["account_source"]
+    variable = source[9:] if source.startswith("variable:") else ""
+    if source not in ("accountcode", "callerid") and not (
+            variable and variable.replace("_", "").isalnum() and variable.isascii()):
+        raise ConfigError(f"{path}: account_source must be accountcode, callerid or variable:NAME")
+    for name, tariff in settings["tariffs"].items():
+        if not isinstance(tariff, dict) or set(tariff) - {"dial"} or not isinstance(tariff.get("dial", ""), str):
+            raise ConfigError(f"{path}: tariffs.{name} may only set dial (a string)")
+        _check_dial(tariff.get("dial"), f"{path}: tariffs.{name}.dial")
+    _check_dial(settings["dial"], f"{path}: dial")
+    return settings
+
+
+def _check_dial(template, where):
+    if template is None:
+        return
+    if '"' in template or "\n" in template:
+        raise ConfigError(f"{where} must not contain quotes or newlines")
+    try:
+        template.format(number="0")
+    except (KeyError, IndexError, ValueError):
+        raise ConfigError(f"{where} may use only {{number}}") from None
+    if "{number}" not in template:
+        raise ConfigError(f"{where} must contain {{number}}")
+
+
+def _read_cache(cache, stamp):
+    try:
+        with open(cache, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data.get("settings") if data.get("stamp") == stamp else None
+
+
+def _write_cache(cache, stamp, settings):
+    tmp = f"{cache}.{os.getpid()}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"stamp": stamp, "settings": settings}, f)
+        os.replace(tmp, cache)
+    except OSError:
+        # A read-only config directory only costs the YAML parse each call.
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass

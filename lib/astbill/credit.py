@@ -1,0 +1,126 @@
+"""The credit ledger: reserve before the call, settle after it.
+
+Authorization and settlement are each one transaction.  Authorization locks
+the account row, so concurrent calls on one account reserve one after the
+other and never spend more than the balance.  Settlement is keyed on the
+call's uniqueid: whoever deletes the reservation settles the call, so doing
+it twice (a retry, the spool, the sweeper) changes nothing the second time.
+"""
+import time
+
+from .rating import Rate, prefixes_of
+
+OK, NOFUNDS, NORATE, NOACCOUNT, INVALID, ERROR = (
+    "OK", "NOFUNDS", "NORATE", "NOACCOUNT", "INVALID", "ERROR")
+
+# What Asterisk's CDR calls each DIALSTATUS.
+DISPOSITION = {"ANSWER": "ANSWERED", "BUSY": "BUSY", "NOANSWER": "NO ANSWER",
+               "CANCEL": "NO ANSWER", "CONGESTION": "CONGESTION",
+               "CHANUNAVAIL": "FAILED"}
+
+
+def timestamp(epoch=None):
+    """UTC 'YYYY-MM-DD HH:MM:SS', the form every stored time takes."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch))
+
+
+class Decision:
+    __slots__ = ("status", "max_secs", "max_cost", "rate")
+
+    def __init__(self, status, max_secs=0, max_cost=None, rate=None):
+        self.status = status
+        self.max_secs = max_secs
+        self.max_cost = max_cost
+        self.rate = rate
+
+
+class Outcome:
+    """How a call ended, as far as billing cares."""
+    __slots__ = ("dialstatus", "talk_ms", "duration", "dstchannel", "end")
+
+    def __init__(self, dialstatus, talk_ms, duration, dstchannel="", end=None):
+        self.dialstatus = dialstatus
+        self.talk_ms = talk_ms
+        self.duration = duration
+        self.dstchannel = dstchannel
+        self.end = end if end is not None else time.time()
+
+    @property
+    def answered(self):
+        return self.dialstatus == "ANSWER"
+
+
+class Settlement:
+    __slots__ = ("cost", "billsec", "repeated")
+
+    def __init__(self, cost, billsec, repeated=False):
+        self.cost = cost
+        self.billsec = billsec
+        self.repeated = repeated
+
+
+class UnknownCall(Exception):
+    """No call with that uniqueid was ever authorized."""
+
+
+def find_rate(store, call):
+    """The rate for the call's number in its account's tariff, or a refusal
+    status (NOACCOUNT, NORATE): a missing rate is never a free call."""
+    found = store.read(lambda tx: tx.account_rate(call.account, prefixes_of(call.number)))
+    if found is None:
+        return NOACCOUNT
+    tariff, row = found
+    if row is None:
+        return NORATE
+    return Rate(tariff, *row)
+
+
+def reserve(store, call, rate, settings):
+    """Lock the account, grant what its free balance covers, and record the
+    reservation and the first half of the CDR -- or refuse with NOFUNDS."""
+    places = settings["decimals"]
+
+    def work(tx):
+        balance = tx.lock_balance(call.account)
+        if balance is None:
+            return Decision(NOACCOUNT)
+        available = balance - tx.reserved(call.account)
+        max_secs = rate.max_secs(available, settings["max_call_secs"], places)
+        if max_secs <= 0:
+            return Decision(NOFUNDS)
+        max_cost = rate.cost(max_secs, True, places)
+        now = timestamp()
+        tx.add_reservation(call.uniqueid, call.account, max_cost, max_secs, now)
+        tx.open_cdr(dict(call.cdr, start=now, account=call.account, tariff=rate.tariff,
+                         prefix=rate.prefix, rate=rate.per_min,
+                         connect_fee=rate.connect_fee, min_secs=rate.min_secs,
+                         increment=rate.increment, max_secs=max_secs, state="active"))
+        return Decision(OK, max_secs, max_cost, rate)
+
+    return store.atomic(work)
+
+
+def settle(store, uniqueid, outcome, places):
+    """Charge the call's real cost, complete its CDR, drop its reservation."""
+
+    def work(tx):
+        terms = tx.call_terms(uniqueid)
+        if terms is None:
+            raise UnknownCall(f"no call {uniqueid!r}")
+        if terms["state"] != "active" or not tx.take_reservation(uniqueid):
+            return Settlement(terms["cost"], terms["billsec"], repeated=True)
+        rate = Rate(terms["tariff"], terms["prefix"], "", terms["rate"],
+                    terms["connect_fee"], terms["min_secs"], terms["increment"])
+        billsec = min(outcome.talk_ms // 1000, terms["max_secs"]) if outcome.answered else 0
+        cost = rate.cost(billsec, outcome.answered, places)
+        now = timestamp(outcome.end)
+        if cost:
+            tx.change_balance(terms["account"], -cost, "call", uniqueid, now)
+        tx.close_cdr(uniqueid, {
+            "answer": timestamp(outcome.end - billsec) if outcome.answered else None,
+            "end": now, "duration": outcome.duration, "billsec": billsec,
+            "disposition": DISPOSITION.get(outcome.dialstatus, "FAILED"),
+            "dstchannel": outcome.dstchannel[:80], "cost": cost, "state": "settled"})
+        return Settlement(cost, billsec)
+
+    return store.atomic(work)

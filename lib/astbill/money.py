@@ -1,0 +1,70 @@
+"""Money: the one way to make an amount, and the one place it is rounded.
+
+Amounts are ``decimal.Decimal`` end to end.  ``D()`` accepts only exact
+inputs (str, int, Decimal); a float or a missing value is an error, never
+zero: a missing price must not become a free call.
+"""
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
+
+# Every stored amount has at most this many decimals: DECIMAL(19,6) in
+# MySQL, integer millionths in SQLite.
+STORAGE_PLACES = 6
+_STORAGE_QUANTUM = Decimal(1).scaleb(-STORAGE_PLACES)
+_MAX_ABS = Decimal(10) ** 12
+
+
+class MoneyError(ValueError):
+    """An amount that cannot be taken as exact money."""
+
+
+def D(value):
+    """Make an exact Decimal amount from str, int or Decimal.
+
+    Refuses None, '', float, NaN, infinities, more than six decimals and
+    absurd magnitudes, each with a one-line reason.
+    """
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        raise MoneyError(f"not an exact amount: {value!r}")
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            raise MoneyError("empty amount")
+        try:
+            value = Decimal(text)
+        except InvalidOperation:
+            raise MoneyError(f"not a number: {text!r}") from None
+    elif isinstance(value, int):
+        value = Decimal(value)
+    elif not isinstance(value, Decimal):
+        raise MoneyError(f"not an exact amount: {value!r}")
+    if not value.is_finite():
+        raise MoneyError(f"not a finite amount: {value}")
+    if value != value.quantize(_STORAGE_QUANTUM, rounding=ROUND_CEILING):
+        raise MoneyError(f"more than {STORAGE_PLACES} decimals: {value}")
+    if abs(value) >= _MAX_ABS:
+        raise MoneyError(f"amount out of range: {value}")
+    return value
+
+
+def round_up(amount, places):
+    """Round a computed charge up to ``places`` decimals.
+
+    The only rounding on the money path, and always in the house's favour
+    by less than one unit of the last place, so a charge is never rounded
+    away to nothing.
+    """
+    return amount.quantize(Decimal(1).scaleb(-places), rounding=ROUND_CEILING)
+
+
+def to_millionths(amount):
+    """Exact integer millionths of an amount (SQLite's storage form)."""
+    return int(amount.scaleb(STORAGE_PLACES))
+
+
+def from_millionths(units):
+    return Decimal(units).scaleb(-STORAGE_PLACES)
+
+
+def fmt(amount):
+    """Fixed-point text with no exponent, as stored (e.g. '1.500000' -> '1.5000')."""
+    return f"{amount:f}"

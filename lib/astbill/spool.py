@@ -1,0 +1,76 @@
+"""The settlement spool: settlements the database could not take yet.
+
+One file per call, written whole and fsync'd before it is renamed into
+place, so a record is either complete or absent.  Replaying settles each
+record through the normal, idempotent settlement and only then removes the
+file: a crash in between means the next replay finds the call already
+settled and just removes the file, so each call is charged exactly once.
+"""
+import json
+import os
+
+SUFFIX = ".settle"
+
+
+def write(spool_dir, uniqueid, outcome):
+    record = {"uniqueid": uniqueid, "dialstatus": outcome.dialstatus,
+              "talk_ms": outcome.talk_ms, "duration": outcome.duration,
+              "dstchannel": outcome.dstchannel, "end": int(outcome.end)}
+    final = os.path.join(spool_dir, uniqueid + SUFFIX)
+    tmp = final + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, json.dumps(record).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+    dir_fd = os.open(spool_dir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return final
+
+
+def pending(spool_dir):
+    """Paths of the spooled settlements, oldest first."""
+    try:
+        entries = [e for e in os.scandir(spool_dir) if e.name.endswith(SUFFIX)]
+    except FileNotFoundError:
+        return []
+    return [e.path for e in sorted(entries, key=lambda e: e.stat().st_mtime)]
+
+
+def read(path):
+    from .credit import Outcome
+    with open(path, encoding="utf-8") as f:
+        r = json.load(f)
+    return r["uniqueid"], Outcome(r["dialstatus"], r["talk_ms"], r["duration"],
+                                  r["dstchannel"], r["end"])
+
+
+def replay(store, spool_dir, places):
+    """Settle every spooled call; returns (settled, failed) counts.
+
+    Stops at the first database error: the rest wait for the next replay.
+    """
+    from .credit import UnknownCall, settle
+    from .store import StoreError
+    done = failed = 0
+    for path in pending(spool_dir):
+        try:
+            uniqueid, outcome = read(path)
+        except (OSError, ValueError, KeyError, TypeError):
+            failed += 1
+            continue
+        try:
+            settle(store, uniqueid, outcome, places)
+        except StoreError:
+            break
+        except UnknownCall:
+            failed += 1
+            continue
+        os.unlink(path)
+        done += 1
+    return done, failed
