@@ -55,7 +55,7 @@ def handle(channel, settings):
         return
     settlement = settle(call, outcome, settings)
     if settlement is not None:
-        channel.set("ASTBILL_COST", fmt(settlement.cost))
+        channel.set("ASTBILL_COST", fmt(settlement.cost, settings["decimals"]))
         channel.set("ASTBILL_BILLSEC", settlement.billsec)
 
 

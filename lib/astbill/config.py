@@ -113,6 +113,11 @@ def check(raw, path="config"):
     if source not in ("accountcode", "callerid") and not (
             variable and variable.replace("_", "").isalnum() and variable.isascii()):
         raise ConfigError(f"{path}: account_source must be accountcode, callerid or variable:NAME")
+    table = settings["asterisk_cdr_table"]
+    if table and not (table.replace("_", "").isalnum() and table.isascii()):
+        raise ConfigError(f"{path}: asterisk_cdr_table must be a plain table name")
+    if '"' in settings["dial_options"] or "\n" in settings["dial_options"]:
+        raise ConfigError(f"{path}: dial_options must not contain quotes or newlines")
     for name, tariff in settings["tariffs"].items():
         if not isinstance(tariff, dict) or set(tariff) - {"dial"} or not isinstance(tariff.get("dial", ""), str):
             raise ConfigError(f"{path}: tariffs.{name} may only set dial (a string)")

@@ -100,8 +100,17 @@ def reserve(store, call, rate, settings):
     return store.atomic(work)
 
 
-def settle(store, uniqueid, outcome, places):
-    """Charge the call's real cost, complete its CDR, drop its reservation."""
+RESOLUTION = {None: ("settled", "call"), "release": ("released", "reaper"),
+              "charge": ("charged", "reaper")}
+
+
+def settle(store, uniqueid, outcome, places, policy=None):
+    """Charge the call's real cost, complete its CDR, drop its reservation.
+
+    The sweeper settles calls nobody is left to report on with a
+    ``policy``: "release" charges nothing, "charge" the reserved amount.
+    """
+    state, kind = RESOLUTION[policy]
 
     def work(tx):
         terms = tx.call_terms(uniqueid)
@@ -111,16 +120,21 @@ def settle(store, uniqueid, outcome, places):
             return Settlement(terms["cost"], terms["billsec"], repeated=True)
         rate = Rate(terms["tariff"], terms["prefix"], "", terms["rate"],
                     terms["connect_fee"], terms["min_secs"], terms["increment"])
-        billsec = min(outcome.talk_ms // 1000, terms["max_secs"]) if outcome.answered else 0
-        cost = rate.cost(billsec, outcome.answered, places)
+        if policy == "charge":
+            billsec, cost = terms["max_secs"], terms["max_cost"]
+        elif policy == "release" or not outcome.answered:
+            billsec, cost = 0, rate.cost(0, False, places)
+        else:
+            billsec = min(outcome.talk_ms // 1000, terms["max_secs"])
+            cost = rate.cost(billsec, True, places)
         now = timestamp(outcome.end)
         if cost:
-            tx.change_balance(terms["account"], -cost, "call", uniqueid, now)
+            tx.change_balance(terms["account"], -cost, kind, uniqueid, now)
         tx.close_cdr(uniqueid, {
-            "answer": timestamp(outcome.end - billsec) if outcome.answered else None,
+            "answer": timestamp(outcome.end - billsec) if billsec else None,
             "end": now, "duration": outcome.duration, "billsec": billsec,
             "disposition": DISPOSITION.get(outcome.dialstatus, "FAILED"),
-            "dstchannel": outcome.dstchannel[:80], "cost": cost, "state": "settled"})
+            "dstchannel": outcome.dstchannel[:80], "cost": cost, "state": state})
         return Settlement(cost, billsec)
 
     return store.atomic(work)

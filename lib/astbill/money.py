@@ -65,6 +65,8 @@ def from_millionths(units):
     return Decimal(units).scaleb(-STORAGE_PLACES)
 
 
-def fmt(amount):
-    """Fixed-point text with no exponent, as stored (e.g. '1.500000' -> '1.5000')."""
-    return f"{amount:f}"
+def fmt(amount, places=4):
+    """Fixed-point text with ``places`` decimals, or more if the amount has
+    them: display never hides a digit."""
+    shown = amount.quantize(Decimal(1).scaleb(-places))
+    return f"{shown if shown == amount else amount.normalize():f}"

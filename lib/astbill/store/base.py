@@ -223,3 +223,104 @@ class Tx:
         sets = ", ".join(f"{name} = ?" for name in fields)
         self.run(f"UPDATE astcdr SET {sets} WHERE uniqueid = ? AND state = 'active'",
                  (*fields.values(), uniqueid))
+
+    # -- administration ------------------------------------------------------
+    def add_account(self, account, tariff, balance, now):
+        self.run("INSERT INTO astaccount (account, tariff, balance, created) VALUES (?, ?, ?, ?)",
+                 (account, tariff, self.store.money_in(D(0)), now))
+        self.change_balance(account, balance, "open", None, now)
+
+    def accounts(self, account=None):
+        """[(account, tariff, balance, reserved, live calls)], one or all."""
+        where = " WHERE a.account = ?" if account is not None else ""
+        rows = self.all(
+            "SELECT a.account, a.tariff, a.balance, COALESCE(SUM(r.max_cost), 0), COUNT(r.uniqueid)"
+            " FROM astaccount a LEFT JOIN astcreditres r ON r.account = a.account"
+            f"{where} GROUP BY a.account, a.tariff, a.balance ORDER BY a.account",
+            () if account is None else (account,))
+        m = self.store.money_out
+        return [(r[0], r[1], m(r[2]), m(r[3]), r[4]) for r in rows]
+
+    def replace_tariff(self, tariff, rates):
+        """Replace every rate of ``tariff`` with ``rates`` (rows of Rate fields)."""
+        self.run("DELETE FROM astrate WHERE tariff = ?", (tariff,))
+        m = self.store.money_in
+        self.cur.executemany(self.store.sql(
+            "INSERT INTO astrate (tariff, prefix, destination, rate, connect_fee, min_secs,"
+            " increment) VALUES (?, ?, ?, ?, ?, ?, ?)"),
+            [(tariff, r.prefix, r.destination, m(r.per_min), m(r.connect_fee), r.min_secs,
+              r.increment) for r in rates])
+
+    def calls_in_progress(self):
+        rows = self.all(
+            "SELECT r.uniqueid, r.account, c.dst, r.max_secs, r.max_cost, r.created, c.channel"
+            " FROM astcreditres r LEFT JOIN astcdr c ON c.uniqueid = r.uniqueid"
+            " ORDER BY r.created, r.uniqueid")
+        m = self.store.money_out
+        return [(r[0], r[1], r[2], r[3], m(r[4]), str(r[5]), r[6]) for r in rows]
+
+    CDR_COLUMNS = ("uniqueid", "start", "answer", "end", "clid", "src", "dst", "dcontext",
+                   "channel", "dstchannel", "lastapp", "lastdata", "duration", "billsec",
+                   "disposition", "accountcode", "account", "tariff", "prefix", "rate",
+                   "connect_fee", "max_secs", "cost", "state")
+    CDR_MONEY = ("rate", "connect_fee", "cost")
+
+    def cdrs(self, account=None):
+        where = " WHERE account = ?" if account is not None else ""
+        rows = self.all(f"SELECT {', '.join(self.CDR_COLUMNS)} FROM astcdr{where}"
+                        " ORDER BY start, uniqueid", () if account is None else (account,))
+        m = self.store.money_out
+        out = []
+        for row in rows:
+            record = dict(zip(self.CDR_COLUMNS, row))
+            for key in self.CDR_MONEY:
+                if record[key] is not None:
+                    record[key] = m(record[key])
+            for key in ("start", "answer", "end"):
+                if record[key] is not None:
+                    record[key] = str(record[key])
+            out.append(record)
+        return out
+
+    # -- the sweep and the audit ---------------------------------------------
+    def reservations(self):
+        rows = self.all("SELECT uniqueid, account, max_secs, created FROM astcreditres"
+                        " ORDER BY created")
+        return [{"uniqueid": r[0], "account": r[1], "max_secs": r[2], "created": str(r[3])}
+                for r in rows]
+
+    def asterisk_billsec(self, table, uniqueid):
+        """(billsec, disposition) of the call's Dial in Asterisk's own CDR table."""
+        return self.one(f"SELECT billsec, disposition FROM {table} WHERE uniqueid = ?"
+                        " AND lastapp = 'Dial' ORDER BY billsec DESC LIMIT 1", (uniqueid,))
+
+    def ledger_mismatches(self):
+        m = self.store.money_out
+        rows = self.all(
+            "SELECT a.account, a.balance, COALESCE(SUM(l.amount), 0) FROM astaccount a"
+            " LEFT JOIN astledger l ON l.account = a.account GROUP BY a.account, a.balance"
+            " HAVING a.balance <> COALESCE(SUM(l.amount), 0)")
+        return [(r[0], m(r[1]), m(r[2])) for r in rows]
+
+    def negative_balances(self):
+        return [(r[0], self.store.money_out(r[1]))
+                for r in self.all("SELECT account, balance FROM astaccount WHERE balance < 0")]
+
+    def unledgered_charges(self):
+        m = self.store.money_out
+        rows = self.all(
+            "SELECT c.uniqueid, c.cost, l.amount FROM astcdr c LEFT JOIN astledger l"
+            " ON l.uniqueid = c.uniqueid AND l.kind IN ('call', 'reaper')"
+            " WHERE c.state IN ('settled', 'charged') AND c.cost > 0"
+            " AND (l.amount IS NULL OR l.amount <> -c.cost)")
+        return [(r[0], m(r[1]), None if r[2] is None else -m(r[2])) for r in rows]
+
+    def orphans(self):
+        """Reservations without an active CDR, and active CDRs without one."""
+        return self.all(
+            "SELECT r.uniqueid, 'reservation without an active CDR' FROM astcreditres r"
+            " LEFT JOIN astcdr c ON c.uniqueid = r.uniqueid AND c.state = 'active'"
+            " WHERE c.uniqueid IS NULL"
+            " UNION ALL SELECT c.uniqueid, 'active CDR without a reservation' FROM astcdr c"
+            " LEFT JOIN astcreditres r ON r.uniqueid = c.uniqueid"
+            " WHERE c.state = 'active' AND r.uniqueid IS NULL")
