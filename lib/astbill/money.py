@@ -40,9 +40,9 @@ def D(value):
     if not value.is_finite():
         raise MoneyError(f"not a finite amount: {value}")
     if value != value.quantize(_STORAGE_QUANTUM, rounding=ROUND_CEILING):
-        raise MoneyError(f"more than {STORAGE_PLACES} decimals: {value}")
+        raise MoneyError(f"more than {STORAGE_PLACES} decimals: {value:f}")
     if abs(value) >= _MAX_ABS:
-        raise MoneyError(f"amount out of range: {value}")
+        raise MoneyError(f"amount out of range: {value:f}")
     return value
 
 

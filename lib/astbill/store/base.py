@@ -47,8 +47,21 @@ class Store:
     def money_out(self, value):
         return D(value)
 
+    schema_file = None
+    schema_prelude = ()
+
     def init_schema(self):
-        raise NotImplementedError
+        """Create every table and index that is missing."""
+        with open(self.schema_file, encoding="utf-8") as f:
+            text = "\n".join(line for line in f if not line.lstrip().startswith("--"))
+        statements = [*self.schema_prelude, *(s.strip() for s in text.split(";"))]
+        try:
+            cur = self.connection().cursor()
+            for statement in statements:
+                if statement:
+                    cur.execute(statement)
+        except self.driver_errors as exc:
+            raise self._error(exc, self._classify(exc)) from None
 
     # -- connection and transactions ---------------------------------------
     def sql(self, text):

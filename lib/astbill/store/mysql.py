@@ -42,6 +42,7 @@ class MySQLStore(Store):
     placeholder = "%s"
     lock_clause = " FOR UPDATE"
     begin_sql = "START TRANSACTION"
+    schema_file = SCHEMA
     driver_errors = (driver.Error,)
 
     def _connect(self):
@@ -60,12 +61,3 @@ class MySQLStore(Store):
         if code in _INTEGRITY:
             return "integrity"
         return None
-
-    def init_schema(self):
-        with open(SCHEMA, encoding="utf-8") as f:
-            statements = [s.strip() for s in f.read().split(";")]
-        cur = self.connection().cursor()
-        for statement in statements:
-            body = "\n".join(l for l in statement.splitlines() if not l.startswith("--")).strip()
-            if body:
-                cur.execute(body)

@@ -21,6 +21,8 @@ def sqlite_path(url, config_dir=""):
 
 class SQLiteStore(Store):
     begin_sql = "BEGIN IMMEDIATE"
+    schema_file = SCHEMA
+    schema_prelude = ("PRAGMA journal_mode=WAL",)
     driver_errors = (sqlite3.Error,)
 
     def __init__(self, settings):
@@ -46,9 +48,3 @@ class SQLiteStore(Store):
 
     def money_out(self, value):
         return from_millionths(value)
-
-    def init_schema(self):
-        conn = self.connection()
-        conn.execute("PRAGMA journal_mode=WAL")
-        with open(SCHEMA, encoding="utf-8") as f:
-            conn.executescript(f.read())

@@ -1,0 +1,102 @@
+"""astbill-admin: exact output and exit codes, on both backends."""
+import json
+
+
+def test_init_db_is_safe_twice(billing):
+    assert billing.admin("init-db") == (0, "schema ready\n", "")
+
+
+def test_account_add_show_list_and_topup(billing):
+    assert billing.admin("account", "add", "1001", "--balance", "10", "--json") == (
+        0, '{"account": "1001", "tariff": "default", "balance": "10.0000", "reserved": "0.0000",'
+           ' "available": "10.0000", "calls": 0}\n', "")
+    assert billing.admin("topup", "1001", "2.5")[1] == (
+        "account  tariff   balance  reserved  available  calls\n"
+        "1001     default  12.5000  0.0000    12.5000    0\n")
+    billing.admin_ok("account", "add", "2002", "--balance", "0.123456", "--tariff", "gold")
+    listed = json.loads(billing.admin_ok("account", "list", "--json"))
+    assert [(a["account"], a["balance"], a["tariff"]) for a in listed] == [
+        ("1001", "12.5000", "default"), ("2002", "0.123456", "gold")]
+
+
+def test_bad_input_is_one_line_and_changes_nothing(billing):
+    billing.admin_ok("account", "add", "1001", "--balance", "10")
+    cases = [
+        (("account", "add", "1001", "--balance", "5"), "astbill-admin: account 1001 exists\n"),
+        (("account", "add", "x", "--balance", "1.5e"), "astbill-admin: not a number: '1.5e'\n"),
+        (("account", "add", "x", "--balance", "-1"),
+         "astbill-admin: opening balance must not be negative\n"),
+        (("topup", "1001", "0.0000001"), "astbill-admin: more than 6 decimals: 0.0000001\n"),
+        (("topup", "1001", "-5"), "astbill-admin: top-up amount must be positive\n"),
+        (("topup", "nobody", "5"), "astbill-admin: no account nobody\n"),
+        (("account", "show", "nobody"), "astbill-admin: no account nobody\n"),
+        (("topup", "1001", "NaN"), "astbill-admin: not a finite amount: NaN\n"),
+    ]
+    for argv, error in cases:
+        assert billing.admin(*argv) == (1, "", error), argv
+    assert billing.admin_ok("account", "list") .splitlines()[1].split()[2] == "10.0000"
+    assert billing.query("SELECT COUNT(*) FROM astledger")[0][0] == 1
+
+
+def test_rate_import_is_all_or_nothing(billing):
+    good = billing.path / "good.csv"
+    good.write_text("prefix,destination,rate,connect_fee,min_secs,increment\n"
+                    "49,Germany,0.06,0,60,60\n4930,Berlin,0.03,0.01,30,6\n")
+    assert billing.admin("rate", "import", str(good), "--tariff", "default") == (
+        0, "imported 2 rates into tariff default\n", "")
+    bad = billing.path / "bad.csv"
+    bad.write_text("prefix,destination,rate,connect_fee,min_secs,increment\n"
+                   "44,UK,0.05,0,60,60\n"
+                   "44,UK again,0.05,0,60,60\n"
+                   "33,France,-0.01,0,60,60\n"
+                   "3a,Bad,0.01,0,60,60\n"
+                   "34,Spain,0.01,0,60,0\n"
+                   "39,Italy,1e-9,0,60,60\n"
+                   "1,USA,0.01,0\n")
+    status, out, err = billing.admin("rate", "import", str(bad), "--tariff", "default")
+    assert (status, out) == (1, "")
+    assert err.splitlines() == [
+        f"astbill-admin: {bad}:3: prefix 44 repeats line 2",
+        f"astbill-admin: {bad}:4: rate must not be negative: -0.01",
+        f"astbill-admin: {bad}:5: prefix must be 1 to 32 digits: '3a'",
+        f"astbill-admin: {bad}:6: increment must be a whole number from 1 to 86400: '0'",
+        f"astbill-admin: {bad}:7: rate: more than 6 decimals: 0.000000001",
+        f"astbill-admin: {bad}:8: expected 6 fields, found 4"]
+    header = billing.path / "header.csv"
+    header.write_text("prefix,rate\n49,0.1\n")
+    assert billing.admin("rate", "import", str(header), "--tariff", "default")[2] == (
+        f"astbill-admin: {header}:1: header must be"
+        " prefix,destination,rate,connect_fee,min_secs,increment\n")
+    assert billing.query("SELECT prefix FROM astrate ORDER BY prefix") == [("49",), ("4930",)]
+
+
+def test_the_real_command_runs_as_a_process(billing):
+    result = billing.admin_process("account", "list", "--json")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "[]\n", "")
+    result = billing.admin_process("account", "add", "x", "--balance", "abc")
+    assert (result.returncode, result.stderr) == (1, "astbill-admin: not a number: 'abc'\n")
+
+
+def test_config_errors_are_one_line(billing):
+    billing.config.write_text("database: [1, 2\n")
+    status, out, err = billing.admin("account", "list")
+    assert status == 1 and err.count("\n") == 1 and "not valid YAML" in err
+    billing.config.write_text("database: postgres://x\ndial: 'SIP/{number}'\n")
+    assert billing.admin("account", "list")[2] == (
+        f"astbill-admin: {billing.config}: database must be a sqlite:// or mysql:// URL\n")
+    billing.config.write_text("database: sqlite:///x.db\ndial: 'SIP/{number}'\nmax_call_secs: '60'\n")
+    assert billing.admin("account", "list")[2] == (
+        f"astbill-admin: {billing.config}: max_call_secs must be int, not str\n")
+    billing.config.write_text("database: sqlite:///x.db\ndial: 'SIP/{number}'\ncolour: red\n")
+    assert billing.admin("account", "list")[2] == (
+        f"astbill-admin: {billing.config}: unknown setting 'colour'\n")
+
+
+def test_world_readable_config_with_a_password_warns(billing, tmp_path):
+    config = tmp_path / "pw.yaml"
+    config.write_text("database: mysql://astbill:secret@127.0.0.1:1/astbill\ndial: 'SIP/{number}'\n"
+                      "lock_wait_secs: 1\n")
+    config.chmod(0o644)
+    status, out, err = billing.admin("-c", str(config), "calls")
+    assert f"astbill-admin: warning: {config} is world-readable" in err
+    assert "secret" not in err
