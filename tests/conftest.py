@@ -145,3 +145,22 @@ def tariff(billing):
     billing.setup_rates(RATES)
     billing.admin_ok("account", "add", "1001", "--balance", "10")
     return billing
+
+
+def place_call(billing, scenario=None, number="4912345678", account="1001", timeout=30, **env):
+    """Run the real astbill.py through one call against the Asterisk 20 peer."""
+    from agipeer import agi_env, run_call
+    block = agi_env(agi_extension=number, agi_accountcode=account, **env)
+    result = run_call([sys.executable, ASTBILL], scenario, block, billing.env, timeout)
+    result.uniqueid = block["agi_uniqueid"]
+    return result
+
+
+def start_held_call(billing, gate, number="4912345678", account="1001", **scenario):
+    """Start a call that stays in its Dial until ``gate`` is set."""
+    from agipeer import Scenario, agi_env, start_call
+    block = agi_env(agi_extension=number, agi_accountcode=account)
+    handle = start_call([sys.executable, ASTBILL], Scenario(dial_gate=gate, **scenario),
+                        block, billing.env, 60)
+    handle.uniqueid = block["agi_uniqueid"]
+    return handle

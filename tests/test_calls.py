@@ -1,0 +1,150 @@
+"""Whole calls: the real astbill.py process against an AGI peer that answers
+as Asterisk 20 does, on SQLite and on MariaDB."""
+import threading
+from decimal import Decimal
+
+import pytest
+
+from agipeer import Scenario
+from astbill import credit
+from astbill.config import load
+from astbill.store import open_store
+from conftest import place_call, start_held_call
+
+UNANSWERED = [("BUSY", "BUSY"), ("NOANSWER", "NO ANSWER"), ("CONGESTION", "CONGESTION"),
+              ("CHANUNAVAIL", "FAILED"), ("CANCEL", "NO ANSWER")]
+
+
+def assert_billed(tariff, result, billsec, cost, balance, disposition="ANSWERED"):
+    text = result.dialogue_text()
+    assert result.returncode == 0, text
+    assert result.variables_set["ASTBILL_STATUS"] == "OK", text
+    assert result.variables_set.get("ASTBILL_BILLSEC") == str(billsec), text
+    assert result.variables_set.get("ASTBILL_COST") == cost, text
+    assert tariff.balance("1001") == Decimal(balance)
+    assert tariff.reservations() == []
+    cdr = tariff.cdr(result.uniqueid)
+    assert (cdr["billsec"], cdr["cost"], cdr["state"], cdr["disposition"]) == (
+        billsec, Decimal(cost), "settled", disposition)
+
+
+@pytest.mark.parametrize("number, talk_ms, billsec, cost, balance", [
+    ("4912345678", 61_500, 61, "0.1200", "9.88"),     # 60/60 at 0.06: two minutes
+    ("4930123456", 31_200, 31, "0.0280", "9.972"),    # 30/6 at 0.03 + 0.01: 36 s
+    ("4915123456", 59_999, 59, "0.1180", "9.882"),    # 1/1 at 0.12: 59 s
+    ("4912345678", 900, 0, "0.0000", "10"),           # under a second of talk bills nothing
+])
+def test_answered_calls_are_billed_by_their_increments(tariff, number, talk_ms, billsec, cost, balance):
+    result = place_call(tariff, Scenario(answered_ms=talk_ms), number=number)
+    assert_billed(tariff, result, billsec, cost, balance)
+
+
+def test_the_dial_carries_the_granted_limit(tariff):
+    result = place_call(tariff, Scenario(answered_ms=1000), number="+4912345678")
+    assert result.dial_args == "PJSIP/4912345678@trunk,60,L(3600000)"
+    assert result.variables_set["ASTBILL_MAXSECS"] == "3600"
+    cdr = tariff.cdr(result.uniqueid)
+    assert (cdr["dst"], cdr["prefix"], cdr["tariff"], cdr["max_secs"]) == ("4912345678", "49", "default", 3600)
+    assert (cdr["lastapp"], cdr["lastdata"], cdr["src"]) == ("Dial", "PJSIP/4912345678@trunk", "4930111222")
+
+
+def test_the_cap_holds_and_the_limit_cuts_the_call(tariff):
+    tariff.admin_ok("topup", "1001", "1000")
+    result = place_call(tariff, Scenario(answered_ms=4_000_000))
+    assert result.dial_args.endswith(",L(3600000)")
+    assert_billed(tariff, result, 3600, "3.6000", "1006.4")
+
+
+@pytest.mark.parametrize("dialstatus, disposition", UNANSWERED)
+def test_unanswered_calls_release_the_reservation_at_cost_zero(tariff, dialstatus, disposition):
+    result = place_call(tariff, Scenario(dialstatus=dialstatus))
+    assert_billed(tariff, result, 0, "0.0000", "10", disposition)
+    assert tariff.query("SELECT COUNT(*) FROM astledger WHERE kind = 'call'") == [(0,)]
+
+
+@pytest.mark.parametrize("scenario", [
+    Scenario(answered_ms=4004, caller_hangup=True),                   # SIGHUP during Dial
+    Scenario(answered_ms=4004, caller_hangup=True, agisighup=False),  # AGISIGHUP=no
+], ids=["sighup", "agisighup-no"])
+def test_a_caller_hangup_still_settles_with_the_real_talk_time(tariff, scenario):
+    result = place_call(tariff, scenario, number="4915123456")
+    assert_billed(tariff, result, 4, "0.0080", "9.992")
+
+
+def test_a_pre_answered_caller_does_not_pay_for_the_time_before_the_dial(tariff):
+    result = place_call(tariff, Scenario(answered_ms=3500, pre_answered_ms=2500), number="4915123456")
+    assert_billed(tariff, result, 3, "0.0060", "9.994")
+
+
+@pytest.mark.parametrize("setup, env, status", [
+    ("poor", {}, "NOFUNDS"),
+    (None, {"number": "7123456"}, "NORATE"),
+    (None, {"account": "9999"}, "NOACCOUNT"),
+    (None, {"account": ""}, "NOACCOUNT"),
+    (None, {"number": "12ab"}, "INVALID"),
+    (None, {"number": "*#"}, "INVALID"),
+    (None, {"account": "x" * 81}, "INVALID"),
+])
+def test_refused_calls_write_nothing_and_never_dial(tariff, setup, env, status):
+    if setup == "poor":
+        tariff.admin_ok("account", "add", "poor", "--balance", "0.0599")
+        env = {"account": "poor"}
+    before = tariff.query("SELECT COUNT(*) FROM astcdr")
+    result = place_call(tariff, Scenario(answered_ms=1000), **env)
+    assert result.returncode == 0, result.dialogue_text()
+    assert result.variables_set["ASTBILL_STATUS"] == status
+    assert result.variables_set["ASTBILL_MAXSECS"] == "0"
+    assert result.dial_args is None
+    assert len(result.verbose) == 1 and result.verbose[0].startswith(f"astbill: {status} ")
+    assert tariff.query("SELECT COUNT(*) FROM astcdr") == before
+    assert tariff.reservations() == []
+    assert result.stderr == ""
+
+
+def test_calls_in_progress_share_the_balance(tariff):
+    tariff.admin_ok("account", "add", "2002", "--balance", "5")
+    gate = threading.Event()
+    first = start_held_call(tariff, gate, account="2002", answered_ms=10_000)
+    assert first.dial_reached.wait(30)
+    second = start_held_call(tariff, gate, account="2002", answered_ms=10_000)
+    assert second.dial_reached.wait(30)
+    third = place_call(tariff, Scenario(answered_ms=1000), account="2002")
+    assert third.variables_set["ASTBILL_STATUS"] == "NOFUNDS"
+    # astcreditres alone tells which calls are up and what each may cost.
+    assert tariff.query("SELECT COUNT(*) FROM astcreditres WHERE account = '2002'") == [(2,)]
+    calls = tariff.admin_ok("calls").splitlines()
+    assert len(calls) == 3 and "3.6000" in calls[1] and "1.3800" in calls[2]
+    gate.set()
+    one, two = first.wait(), second.wait()
+    assert one.variables_set["ASTBILL_MAXSECS"] == "3600"
+    assert two.variables_set["ASTBILL_MAXSECS"] == "1380"   # 5 - 3.60 buys 23 minutes
+    assert two.dial_args.endswith("L(1380000)")
+    assert tariff.reservations() == []
+    assert tariff.balance("2002") == Decimal("4.88")
+
+
+def test_settling_twice_changes_nothing(tariff):
+    result = place_call(tariff, Scenario(answered_ms=61_000))
+    store = open_store(load(str(tariff.config)))
+    try:
+        again = credit.settle(store, result.uniqueid, credit.Outcome("ANSWER", 600_000, 600), 4)
+    finally:
+        store.close()
+    assert again.repeated and again.cost == Decimal("0.12") and again.billsec == 61
+    assert tariff.balance("1001") == Decimal("9.88")
+    assert tariff.query("SELECT COUNT(*) FROM astledger WHERE kind = 'call'") == [(1,)]
+
+
+def test_exit_on_hangup_leaves_the_reservation_for_the_sweeper(tariff):
+    result = place_call(tariff, Scenario(answered_ms=4004, caller_hangup=True, exit_on_hangup=True))
+    assert result.returncode == 0, result.dialogue_text()
+    assert tariff.reservations() == [(result.uniqueid,)]
+    assert tariff.cdr(result.uniqueid)["state"] == "active"
+
+
+def test_a_broken_config_refuses_the_call_cleanly(tariff):
+    tariff.config.write_text("database: [oops\n")
+    result = place_call(tariff, Scenario(answered_ms=1000))
+    assert (result.returncode, result.stderr, result.dial_args) == (0, "", None)
+    assert result.variables_set["ASTBILL_STATUS"] == "ERROR"
+    assert len(result.verbose) == 1 and "not valid YAML" in result.verbose[0]
