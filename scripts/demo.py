@@ -1,0 +1,85 @@
+"""Bill a handful of calls through the real astbill.py, on SQLite.
+
+Each call runs astbill.py as its own process against a scripted AGI peer
+that answers as Asterisk 20 does, exactly as Asterisk would run it.
+"""
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from agipeer import Scenario, agi_env, run_call, start_call  # noqa: E402
+
+RUN = ROOT / "demo-run"
+CONFIG = RUN / "astbill.yaml"
+ENV = {"ASTBILL_CONFIG": str(CONFIG), "PATH": "/usr/bin:/bin"}
+
+
+def admin(*argv):
+    result = subprocess.run([sys.executable, str(ROOT / "astbill-admin"), *argv],
+                            env=ENV, capture_output=True, text=True, check=True)
+    return result.stdout
+
+
+def call(account, number, scenario, held=False):
+    env = agi_env(agi_accountcode=account, agi_extension=number)
+    cmd = [sys.executable, str(ROOT / "astbill.py")]
+    if held:
+        return start_call(cmd, scenario, env, ENV, 60)
+    return run_call(cmd, scenario, env, ENV, 60)
+
+
+def show(label, result):
+    v = result.variables_set
+    print(f"  {label:<44} {v.get('ASTBILL_STATUS', '-'):<9} {v.get('ASTBILL_MAXSECS', '-'):>7}"
+          f" {v.get('ASTBILL_BILLSEC', '-'):>7} {v.get('ASTBILL_COST', '-'):>8}")
+
+
+def main():
+    shutil.rmtree(RUN, ignore_errors=True)
+    (RUN / "spool").mkdir(parents=True)
+    CONFIG.write_text("database: sqlite://astbill.db\n"
+                      "dial: \"PJSIP/{number}@trunk\"\n"
+                      f"spool_dir: {RUN / 'spool'}\n")
+    CONFIG.chmod(0o600)
+    admin("init-db")
+    print(admin("rate", "import", str(ROOT / "conf" / "rates.sample.csv"), "--tariff", "default"), end="")
+    admin("account", "add", "1001", "--balance", "5.00")
+    admin("account", "add", "2002", "--balance", "5.00")
+    admin("account", "add", "3003", "--balance", "0.05")
+    print("\nAccounts before the calls:")
+    print(admin("account", "list"))
+
+    print(f"  {'call':<44} {'status':<9} {'maxsecs':>7} {'billsec':>7} {'cost':>8}")
+    show("1001 -> Germany 60/60, answered, 125 s", call("1001", "004912345678", Scenario(answered_ms=125_400)))
+    show("1001 -> Berlin 30/6 + fee, answered, 95 s", call("1001", "+4930123456", Scenario(answered_ms=95_000)))
+    show("1001 -> UK mobile, busy", call("1001", "00447700900123", Scenario(dialstatus="BUSY")))
+    show("1001 -> Germany mobile 1/1, caller hangs up", call(
+        "1001", "4915123456", Scenario(answered_ms=42_700, caller_hangup=True)))
+
+    gate = threading.Event()
+    first = call("2002", "4912345678", Scenario(answered_ms=600_000, dial_gate=gate), held=True)
+    first.dial_reached.wait(30)
+    second = call("2002", "4912345678", Scenario(answered_ms=300_000, dial_gate=gate), held=True)
+    second.dial_reached.wait(30)
+    print("\n  Calls in progress on 2002 while both are up (astbill-admin calls):")
+    print("    " + admin("calls").replace("\n", "\n    ").rstrip())
+    gate.set()
+    show("2002 -> Germany, overlapping call 1, 10 min", first.wait())
+    show("2002 -> Germany, overlapping call 2, 5 min", second.wait())
+    show("3003 -> Germany, balance 0.05", call("3003", "4912345678", Scenario(answered_ms=60_000)))
+    show("1001 -> 7123456, no rate", call("1001", "7123456", Scenario(answered_ms=60_000)))
+
+    print("\nAccounts after the calls:")
+    print(admin("account", "list"))
+    print("CDRs:")
+    print(admin("cdr"))
+    print(admin("audit"), end="")
+    print(f"\nThe database is {RUN / 'astbill.db'}; try astbill-admin -c {CONFIG} cdr --csv")
+
+
+if __name__ == "__main__":
+    main()
