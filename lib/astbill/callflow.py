@@ -27,7 +27,18 @@ class Refused(Exception):
 class Call:
     """What the channel told us about the call, checked."""
     __slots__ = ("uniqueid", "account", "number", "cdr", "started", "pre_up_ms",
-                 "pre_read_at")
+                 "pre_read_at", "max_secs")
+
+    def record(self):
+        return {"uniqueid": self.uniqueid, "account": self.account, "number": self.number,
+                "cdr": self.cdr, "started": self.started, "max_secs": self.max_secs}
+
+    @classmethod
+    def from_record(cls, record):
+        call = cls()
+        for key, value in record.items():
+            setattr(call, key, value)
+        return call
 
 
 def handle(channel, settings):
@@ -39,10 +50,13 @@ def handle(channel, settings):
         decision = authorize(call, settings)
     except Refused as refusal:
         return refuse(channel, refusal.status, str(refusal))
-    except (StoreError, OSError) as exc:
-        return refuse(channel, ERROR, str(exc))
+    except StoreError as exc:
+        if settings["on_db_error"] != "allow":
+            return refuse(channel, ERROR, str(exc))
+        decision = let_through(channel, call, settings, exc)
     if decision.status != OK:
         return refuse(channel, decision.status, f"account {call.account} to {call.number}")
+    call.max_secs = decision.max_secs
     channel.set("ASTBILL_STATUS", OK)
     channel.set("ASTBILL_MAXSECS", decision.max_secs)
 
@@ -53,10 +67,14 @@ def handle(channel, settings):
         # stays for the sweeper, which knows the longest it could have lasted.
         log(channel, f"{call.uniqueid} left for the sweeper: {exc}")
         return
-    settlement = settle(call, outcome, settings)
-    if settlement is not None:
-        channel.set("ASTBILL_COST", fmt(settlement.cost, settings["decimals"]))
-        channel.set("ASTBILL_BILLSEC", settlement.billsec)
+    try:
+        settlement = settle(call, outcome, decision.late, settings)
+    except OSError as exc:
+        return log(channel, f"{call.uniqueid} neither settled nor spooled, left for the sweeper: {exc}")
+    if settlement is None:
+        return log(channel, f"{call.uniqueid} database unavailable, settlement spooled")
+    channel.set("ASTBILL_COST", fmt(settlement.cost, settings["decimals"]))
+    channel.set("ASTBILL_BILLSEC", settlement.billsec)
 
 
 def identify(channel, settings):
@@ -145,13 +163,24 @@ def dial(channel, call, decision, settings):
     return credit.Outcome(dialstatus, talk_ms, int(time.time() - call.started), peer)
 
 
-def settle(call, outcome, settings):
+def let_through(channel, call, settings, exc):
+    """on_db_error: allow -- a short call now, billed when the database is back."""
+    seconds = settings["db_error_allow_secs"]
+    log(channel, f"{call.uniqueid} database unavailable, allowing {seconds}s billed later: {exc}")
+    call.cdr["lastdata"] = dial_string(call, settings, None)[:255]
+    return credit.Decision(OK, seconds, late=True)
+
+
+def settle(call, outcome, late, settings):
     """Settle now; if the database will not take it, spool it for replay."""
+    places = settings["decimals"]
     store = open_store(settings)
     try:
         for attempt in range(SETTLE_ATTEMPTS):
             try:
-                return credit.settle(store, call.uniqueid, outcome, settings["decimals"])
+                if late:
+                    return credit.bill_late(store, call, outcome, places)
+                return credit.settle(store, call.uniqueid, outcome, places)
             except StoreError:
                 if attempt + 1 == SETTLE_ATTEMPTS:
                     break
@@ -159,7 +188,7 @@ def settle(call, outcome, settings):
                 time.sleep(0.5 * (attempt + 1))
     finally:
         store.close()
-    spool.write(settings["spool_dir"], call.uniqueid, outcome)
+    spool.write(settings["spool_dir"], call.uniqueid, outcome, call.record() if late else None)
     return None
 
 

@@ -8,6 +8,7 @@ it twice (a retry, the spool, the sweeper) changes nothing the second time.
 """
 import time
 
+from .money import D
 from .rating import Rate, prefixes_of
 
 OK, NOFUNDS, NORATE, NOACCOUNT, INVALID, ERROR = (
@@ -25,13 +26,14 @@ def timestamp(epoch=None):
 
 
 class Decision:
-    __slots__ = ("status", "max_secs", "max_cost", "rate")
+    __slots__ = ("status", "max_secs", "max_cost", "rate", "late")
 
-    def __init__(self, status, max_secs=0, max_cost=None, rate=None):
+    def __init__(self, status, max_secs=0, max_cost=None, rate=None, late=False):
         self.status = status
         self.max_secs = max_secs
         self.max_cost = max_cost
         self.rate = rate
+        self.late = late  # let through a database outage: billed afterwards
 
 
 class Outcome:
@@ -122,19 +124,56 @@ def settle(store, uniqueid, outcome, places, policy=None):
                     terms["connect_fee"], terms["min_secs"], terms["increment"])
         if policy == "charge":
             billsec, cost = terms["max_secs"], terms["max_cost"]
-        elif policy == "release" or not outcome.answered:
+        elif policy == "release":
             billsec, cost = 0, rate.cost(0, False, places)
         else:
-            billsec = min(outcome.talk_ms // 1000, terms["max_secs"])
-            cost = rate.cost(billsec, True, places)
-        now = timestamp(outcome.end)
-        if cost:
-            tx.change_balance(terms["account"], -cost, kind, uniqueid, now)
-        tx.close_cdr(uniqueid, {
-            "answer": timestamp(outcome.end - billsec) if billsec else None,
-            "end": now, "duration": outcome.duration, "billsec": billsec,
-            "disposition": DISPOSITION.get(outcome.dialstatus, "FAILED"),
-            "dstchannel": outcome.dstchannel[:80], "cost": cost, "state": state})
+            billsec, cost = charge_for(rate, outcome, terms["max_secs"], places)
+        complete(tx, uniqueid, terms["account"], outcome, billsec, cost, state, kind)
         return Settlement(cost, billsec)
 
     return store.atomic(work)
+
+
+def bill_late(store, call, outcome, places):
+    """Bill a call that an operator let through a database outage
+    (on_db_error: allow) without a reservation, once the database is back.
+
+    With no account or no rate the call cannot be charged: its CDR is
+    marked 'unbilled' for the audit to report, never silently free.
+    """
+    rate = find_rate(store, call)
+    rated = isinstance(rate, Rate)
+
+    def work(tx):
+        terms = tx.call_terms(call.uniqueid)
+        if terms is not None:
+            return Settlement(terms["cost"], terms["billsec"], repeated=True)
+        billed = rate if rated else Rate("", "", "", D(0), D(0), 0, 1)
+        tx.open_cdr(dict(call.cdr, start=timestamp(call.started), account=call.account,
+                         tariff=billed.tariff, prefix=billed.prefix, rate=billed.per_min,
+                         connect_fee=billed.connect_fee, min_secs=billed.min_secs,
+                         increment=billed.increment, max_secs=call.max_secs, state="active"))
+        billsec, cost = charge_for(billed, outcome, call.max_secs, places)
+        complete(tx, call.uniqueid, call.account, outcome, billsec, cost,
+                 "late" if rated else "unbilled", "call")
+        return Settlement(cost, billsec)
+
+    return store.atomic(work)
+
+
+def charge_for(rate, outcome, max_secs, places):
+    """(billsec, cost) of a call: its talk time, never beyond what was granted."""
+    billsec = min(outcome.talk_ms // 1000, max_secs) if outcome.answered else 0
+    return billsec, rate.cost(billsec, outcome.answered, places)
+
+
+def complete(tx, uniqueid, account, outcome, billsec, cost, state, kind):
+    """Charge the account (with its ledger row) and complete the CDR."""
+    now = timestamp(outcome.end)
+    if cost:
+        tx.change_balance(account, -cost, kind, uniqueid, now)
+    tx.close_cdr(uniqueid, {
+        "answer": timestamp(outcome.end - billsec) if billsec else None,
+        "end": now, "duration": outcome.duration, "billsec": billsec,
+        "disposition": DISPOSITION.get(outcome.dialstatus, "FAILED"),
+        "dstchannel": outcome.dstchannel[:80], "cost": cost, "state": state})

@@ -12,10 +12,12 @@ import os
 SUFFIX = ".settle"
 
 
-def write(spool_dir, uniqueid, outcome):
+def write(spool_dir, uniqueid, outcome, late_call=None):
+    """Spool one call's settlement; ``late_call`` (Call.record()) for a call
+    let through an outage, which has no reservation to settle."""
     record = {"uniqueid": uniqueid, "dialstatus": outcome.dialstatus,
               "talk_ms": outcome.talk_ms, "duration": outcome.duration,
-              "dstchannel": outcome.dstchannel, "end": int(outcome.end)}
+              "dstchannel": outcome.dstchannel, "end": int(outcome.end), "late": late_call}
     final = os.path.join(spool_dir, uniqueid + SUFFIX)
     tmp = final + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -43,11 +45,12 @@ def pending(spool_dir):
 
 
 def read(path):
+    """(uniqueid, Outcome, late call record or None) of one spooled call."""
     from .credit import Outcome
     with open(path, encoding="utf-8") as f:
         r = json.load(f)
     return r["uniqueid"], Outcome(r["dialstatus"], r["talk_ms"], r["duration"],
-                                  r["dstchannel"], r["end"])
+                                  r["dstchannel"], r["end"]), r.get("late")
 
 
 def replay(store, spool_dir, places):
@@ -55,17 +58,21 @@ def replay(store, spool_dir, places):
 
     Stops at the first database error: the rest wait for the next replay.
     """
-    from .credit import UnknownCall, settle
+    from .callflow import Call
+    from .credit import UnknownCall, bill_late, settle
     from .store import StoreError
     done = failed = 0
     for path in pending(spool_dir):
         try:
-            uniqueid, outcome = read(path)
+            uniqueid, outcome, late = read(path)
         except (OSError, ValueError, KeyError, TypeError):
             failed += 1
             continue
         try:
-            settle(store, uniqueid, outcome, places)
+            if late:
+                bill_late(store, Call.from_record(late), outcome, places)
+            else:
+                settle(store, uniqueid, outcome, places)
         except StoreError:
             break
         except UnknownCall:

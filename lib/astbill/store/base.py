@@ -324,13 +324,16 @@ class Tx:
         rows = self.all(
             "SELECT c.uniqueid, c.cost, l.amount FROM astcdr c LEFT JOIN astledger l"
             " ON l.uniqueid = c.uniqueid AND l.kind IN ('call', 'reaper')"
-            " WHERE c.state IN ('settled', 'charged') AND c.cost > 0"
+            " WHERE c.state IN ('settled', 'charged', 'late') AND c.cost > 0"
             " AND (l.amount IS NULL OR l.amount <> -c.cost)")
         return [(r[0], m(r[1]), None if r[2] is None else -m(r[2])) for r in rows]
 
     def orphans(self):
-        """Reservations without an active CDR, and active CDRs without one."""
+        """Reservations without an active CDR, active CDRs without one, and
+        calls let through an outage that could not be charged."""
         return self.all(
+            "SELECT uniqueid, 'let through a database outage but not billable (no account"
+            " or rate)' FROM astcdr WHERE state = 'unbilled' UNION ALL "
             "SELECT r.uniqueid, 'reservation without an active CDR' FROM astcreditres r"
             " LEFT JOIN astcdr c ON c.uniqueid = r.uniqueid AND c.state = 'active'"
             " WHERE c.uniqueid IS NULL"
