@@ -164,3 +164,45 @@ def start_held_call(billing, gate, number="4912345678", account="1001", **scenar
                         block, billing.env, 60)
     handle.uniqueid = block["agi_uniqueid"]
     return handle
+
+
+class AccountLock:
+    """Another session holding account rows locked, as a busy call would."""
+
+    def __init__(self, billing, account="1001"):
+        settings = load(str(billing.config))
+        if billing.backend == "sqlite":
+            import sqlite3
+            from astbill.store.sqlite import sqlite_path
+            self.conn = sqlite3.connect(sqlite_path(settings["database"]), isolation_level=None)
+            self.conn.execute("BEGIN IMMEDIATE")
+        else:
+            import pymysql
+            from astbill.store.mysql import connect_args
+            self.conn = pymysql.connect(**connect_args(settings["database"]))
+            cur = self.conn.cursor()
+            cur.execute("START TRANSACTION")
+            cur.execute("SELECT balance FROM astaccount WHERE account = %s FOR UPDATE", (account,))
+
+    def release(self):
+        self.conn.rollback()
+        self.conn.close()
+
+
+def invariants(billing, initial):
+    """The books after any run: {account: initial balance}."""
+    assert billing.query("SELECT COUNT(*) FROM astcdr WHERE state = 'active'") == [(0,)]
+    assert billing.reservations() == []
+    store = billing.store()
+    try:
+        cdrs = store.read(lambda tx: tx.cdrs())
+        accounts = {a: b for a, _, b, _, _ in store.read(lambda tx: tx.accounts())}
+    finally:
+        store.close()
+    for account, start in initial.items():
+        spent = sum(c["cost"] for c in cdrs if c["account"] == account)
+        assert accounts[account] == start - spent, account
+        assert accounts[account] >= 0, account
+    status, out, err = billing.admin("audit")
+    assert status == 0, out + err
+    return cdrs

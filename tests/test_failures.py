@@ -1,0 +1,238 @@
+"""Promises kept when things go wrong: busy accounts, killed processes,
+database outages.  Real astbill.py processes, SQLite and MariaDB."""
+import json
+import os
+import signal
+import threading
+import time
+from decimal import Decimal
+
+import pytest
+
+from agipeer import Scenario
+from astbill import sweeper
+from astbill.config import load
+from conftest import AccountLock, invariants, place_call, start_held_call
+
+D10 = {"1001": Decimal("10")}
+
+
+def sweep_later(billing, hours=2):
+    """Sweep as if ``hours`` had passed: every reservation is then overdue."""
+    store = billing.store()
+    try:
+        return sweeper.sweep(store, load(str(billing.config)), now=time.time() + hours * 3600)
+    finally:
+        store.close()
+
+
+def test_a_busy_account_is_refused_within_the_lock_wait(tariff):
+    tariff.write_config(lock_wait_secs=1)
+    lock = AccountLock(tariff)
+    try:
+        started = time.monotonic()
+        result = place_call(tariff, Scenario(answered_ms=1000))
+        waited = time.monotonic() - started
+    finally:
+        lock.release()
+    assert result.variables_set["ASTBILL_STATUS"] == "ERROR", result.dialogue_text()
+    assert "lock wait timed out" in result.verbose[0]
+    assert result.dial_args is None and waited < 10
+    assert tariff.query("SELECT COUNT(*) FROM astcdr") == [(0,)]
+
+
+def test_no_lock_is_held_while_the_call_is_up(tariff):
+    tariff.write_config(lock_wait_secs=1)
+    gate = threading.Event()
+    call = start_held_call(tariff, gate, answered_ms=5000)
+    assert call.dial_reached.wait(30)
+    lock = AccountLock(tariff)   # would time out if the call held the row
+    lock.release()
+    gate.set()
+    assert call.wait().variables_set["ASTBILL_COST"] == "0.0600"
+
+
+@pytest.mark.parametrize("policy, state, balance", [
+    ("release", "released", "10"), ("charge", "charged", "6.4")])
+def test_a_killed_call_is_swept_by_policy(tariff, policy, state, balance):
+    tariff.write_config(sweep_policy=policy)
+    result = place_call(tariff, Scenario(kill_after_dial_sent=True))
+    assert result.returncode == -signal.SIGKILL
+    assert tariff.reservations() == [(result.uniqueid,)]
+    assert sweeper.sweep(tariff.store(), load(str(tariff.config))) == []  # may still be up
+    done = sweep_later(tariff)
+    assert [(d["uniqueid"], d["action"]) for d in done] == [(result.uniqueid, policy + "d")]
+    assert sweep_later(tariff) == []           # a second sweep finds nothing to do
+    assert tariff.cdr(result.uniqueid)["state"] == state
+    assert tariff.balance("1001") == Decimal(balance)
+    assert tariff.reservations() == []
+    assert tariff.admin("audit")[0] == 0
+
+
+def test_the_sweep_settles_from_asterisks_own_cdr(tariff):
+    tariff.write_config(asterisk_cdr_table="cdr")
+    store = tariff.store()
+    store.atomic(lambda tx: tx.run(
+        "CREATE TABLE cdr (uniqueid VARCHAR(150) NOT NULL, lastapp VARCHAR(80) NOT NULL,"
+        " billsec INT NOT NULL, disposition VARCHAR(45) NOT NULL, PRIMARY KEY (uniqueid, lastapp))"))
+    result = place_call(tariff, Scenario(kill_after_dial_sent=True))
+    store.atomic(lambda tx: tx.run("INSERT INTO cdr VALUES (?, 'Dial', 61, 'ANSWERED')", (result.uniqueid,)))
+    store.close()
+    done = sweep_later(tariff)
+    assert [(d["action"], d["billsec"], d["cost"]) for d in done] == [("settled", 61, Decimal("0.12"))]
+    invariants(tariff, D10)
+
+
+def test_the_sweep_command_and_a_stale_reservation_in_the_audit(tariff):
+    result = place_call(tariff, Scenario(kill_after_dial_sent=True))
+    store = tariff.store()
+    store.atomic(lambda tx: tx.run("UPDATE astcreditres SET created = '2001-01-01 00:00:00'"))
+    store.close()
+    status, out, _ = tariff.admin("audit")
+    assert status == 1
+    assert f"call {result.uniqueid}: reservation since 2001-01-01 00:00:00 is stale" in out
+    proc = tariff.admin_process("sweep", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["swept"] == [{
+        "uniqueid": result.uniqueid, "account": "1001", "action": "released",
+        "cost": "0.0000", "billsec": 0}]
+    invariants(tariff, D10)
+
+
+def test_a_call_killed_mid_settlement_leaves_all_or_nothing(tariff):
+    gate = threading.Event()
+    call = start_held_call(tariff, gate, answered_ms=61_000)
+    assert call.dial_reached.wait(30)
+    lock = AccountLock(tariff)
+    gate.set()
+    time.sleep(1.0)              # the settlement is now waiting on the account
+    os.kill(call.pid, signal.SIGKILL)
+    assert call.wait().returncode == -signal.SIGKILL
+    lock.release()
+    assert tariff.reservations() == [(call.uniqueid,)]
+    assert tariff.balance("1001") == Decimal("10")
+    assert tariff.query("SELECT COUNT(*) FROM astledger WHERE kind <> 'open'") == [(0,)]
+    sweep_later(tariff)
+    invariants(tariff, D10)
+
+
+def test_fifty_concurrent_calls_never_overspend(tariff):
+    """50 real processes at once on one account and on a mix of accounts."""
+    tariff.write_config(max_call_secs=120)
+    initial = {"1001": Decimal("10"), "pool": Decimal("1.00")}
+    for account in ("a1", "a2", "a3"):
+        tariff.admin_ok("account", "add", account, "--balance", "0.30")
+        initial[account] = Decimal("0.30")
+    tariff.admin_ok("account", "add", "pool", "--balance", "1.00")
+    accounts = ["pool"] * 30 + ["a1", "a2", "a3"] * 6 + ["1001"] * 2
+    gate = threading.Event()
+    calls = [start_held_call(tariff, gate, account=a, answered_ms=30_000 + 3_000 * i)
+             for i, a in enumerate(accounts)]
+    overdrawn = []
+    stop = threading.Event()
+
+    def watch():  # at no moment may reservations exceed a balance
+        store = tariff.store()
+        while not stop.is_set():
+            for account, _, balance, reserved, _ in store.read(lambda tx: tx.accounts()):
+                if reserved > balance:
+                    overdrawn.append((account, balance, reserved))
+        store.close()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    time.sleep(5)                # let every call reach its Dial or be refused
+    gate.set()
+    results = [c.wait() for c in calls]
+    stop.set()
+    watcher.join()
+    assert overdrawn == []
+    statuses = [r.variables_set.get("ASTBILL_STATUS") for r in results]
+    assert set(statuses) <= {"OK", "NOFUNDS"}, [r.dialogue_text() for r in results if
+                                                r.variables_set.get("ASTBILL_STATUS") not in ("OK", "NOFUNDS")][:1]
+    assert statuses.count("OK") >= 10 and statuses.count("NOFUNDS") >= 10
+    cdrs = invariants(tariff, initial)
+    ok_ids = sorted(c.uniqueid for c, s in zip(calls, statuses) if s == "OK")
+    assert sorted(c["uniqueid"] for c in cdrs) == ok_ids          # one CDR per call
+    assert all(c["state"] == "settled" for c in cdrs)
+
+
+def test_settlement_during_an_outage_is_spooled_and_replayed_once(tariff, request):
+    gate = threading.Event()
+    call = start_held_call(tariff, gate, answered_ms=61_000)
+    assert call.dial_reached.wait(30)
+    restore = take_database_down(tariff, request)
+    gate.set()
+    result = call.wait()
+    assert result.returncode == 0 and "ASTBILL_COST" not in result.variables_set
+    assert result.verbose[-1] == f"astbill: {call.uniqueid} database unavailable, settlement spooled"
+    spooled = list(tariff.spool.iterdir())
+    assert [p.name for p in spooled] == [f"{call.uniqueid}.settle"]
+    restore()
+    assert tariff.reservations() == [(call.uniqueid,)]   # still owed, still reserved
+    proc = tariff.admin_process("sweep", "--json")
+    assert json.loads(proc.stdout)["replayed"] == 1, proc.stderr
+    assert json.loads(tariff.admin_process("sweep", "--json").stdout)["replayed"] == 0
+    assert tariff.balance("1001") == Decimal("9.88")
+    invariants(tariff, D10)
+
+
+def test_the_next_call_replays_the_spool(tariff, request):
+    gate = threading.Event()
+    call = start_held_call(tariff, gate, answered_ms=61_000)
+    assert call.dial_reached.wait(30)
+    restore = take_database_down(tariff, request)
+    gate.set()
+    call.wait()
+    restore()
+    place_call(tariff, Scenario(answered_ms=1_000))
+    assert list(tariff.spool.iterdir()) == []
+    assert tariff.balance("1001") == Decimal("9.82")
+    invariants(tariff, D10)
+
+
+def test_an_outage_at_authorization_refuses_quickly(tariff):
+    good = tariff.settings["database"]
+    tariff.write_config(database=unreachable(tariff), lock_wait_secs=2)
+    started = time.monotonic()
+    result = place_call(tariff, Scenario(answered_ms=1000))
+    assert time.monotonic() - started < 10
+    assert result.variables_set["ASTBILL_STATUS"] == "ERROR"
+    assert result.dial_args is None
+    assert "secret" not in " ".join(result.verbose)
+    tariff.write_config(database=good)
+    assert tariff.query("SELECT COUNT(*) FROM astcdr") == [(0,)]
+
+
+def test_on_db_error_allow_lets_a_short_call_through_and_bills_it_later(tariff):
+    good = tariff.settings["database"]
+    tariff.write_config(database=unreachable(tariff), lock_wait_secs=2, on_db_error="allow",
+                        db_error_allow_secs=120)
+    result = place_call(tariff, Scenario(answered_ms=61_000))
+    assert result.variables_set["ASTBILL_STATUS"] == "OK"
+    assert result.dial_args == "PJSIP/4912345678@trunk,60,L(120000)"
+    tariff.write_config(database=good)
+    proc = tariff.admin_process("sweep", "--json")
+    assert json.loads(proc.stdout)["replayed"] == 1, proc.stderr
+    cdr = tariff.cdr(result.uniqueid)
+    assert (cdr["state"], cdr["billsec"], cdr["cost"]) == ("late", 61, Decimal("0.12"))
+    assert tariff.balance("1001") == Decimal("9.88")
+    assert tariff.admin("audit")[0] == 0
+
+
+def unreachable(billing):
+    if billing.backend == "sqlite":
+        return f"sqlite://{billing.path / 'gone' / 'astbill.db'}"
+    return "mysql://astbill:secret@127.0.0.1:9/astbill"
+
+
+def take_database_down(billing, request):
+    """Make the database unreachable; returns the function that brings it back."""
+    if billing.backend == "sqlite":
+        path = load(str(billing.config))["database"][len("sqlite://"):]
+        os.rename(path, path + ".away")
+        return lambda: os.rename(path + ".away", path)
+    server = request.getfixturevalue("mariadb")
+    server.kill()
+    request.addfinalizer(lambda: server.running or server.restart())
+    return server.restart
