@@ -4,6 +4,7 @@ This module knows the story of a call and nothing of SQL: the credit
 ledger (``credit``) and the database (``store``) are behind narrow calls,
 and the channel (``agi``) is the only way to Asterisk.
 """
+import os
 import time
 
 from . import credit, spool
@@ -133,7 +134,9 @@ def authorize(call, settings):
         if not isinstance(rate, credit.Rate):
             return credit.Decision(rate)
         call.cdr["lastdata"] = dial_string(call, settings, rate.tariff)[:255]
-        return credit.reserve(store, call, rate, settings)
+        decision = credit.reserve(store, call, rate, settings)
+        record_lock_wait(call, store.lock_waited)
+        return decision
     finally:
         # No connection stays open while the call is up.
         store.close()
@@ -203,6 +206,15 @@ def dial_args(call, decision, settings):
     if 0 < warning < decision.max_secs:
         limit += f":{warning * 1000}"
     return f"{call.cdr['lastdata']},{settings['ring_timeout']},{settings['dial_options']}{limit})"
+
+
+def record_lock_wait(call, seconds):
+    """With ASTBILL_TIMINGS=FILE, note how long the account lock took
+    (one line per call), to measure contention under load."""
+    path = os.environ.get("ASTBILL_TIMINGS")
+    if path:
+        with open(path, "a", encoding="ascii") as f:
+            f.write(f"{call.uniqueid} {seconds * 1000:.3f}\n")
 
 
 def refuse(channel, status, reason):

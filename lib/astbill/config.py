@@ -1,11 +1,12 @@
 """The configuration file: found, read, checked and cached.
 
-The YAML file is the source of truth.  Parsing YAML costs more than the
-rest of a call's start-up, so the checked settings are cached as JSON
-beside it (mode 0600, it holds the database password) and reused while the
-YAML file's size and mtime are unchanged.
+The YAML file is the source of truth.  Importing and parsing YAML costs
+more than the rest of a call's start-up, so the checked settings are cached
+beside it in marshal form (built in, nothing to import; mode 0600, it holds
+the database password) and reused while the YAML file's size and mtime and
+the interpreter's marshal version are unchanged.
 """
-import json
+import marshal
 import os
 
 DEFAULT_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -62,8 +63,8 @@ def load(path=None):
         st = os.stat(path)
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-    stamp = [st.st_size, st.st_mtime_ns]
-    cache = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".cache.json")
+    stamp = (st.st_size, st.st_mtime_ns, marshal.version)
+    cache = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".cache")
     settings = _read_cache(cache, stamp)
     if settings is None:
         settings = check(_parse_yaml(path), path)
@@ -141,19 +142,19 @@ def _check_dial(template, where):
 
 def _read_cache(cache, stamp):
     try:
-        with open(cache, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
+        with open(cache, "rb") as f:
+            cached_stamp, settings = marshal.load(f)
+    except (OSError, ValueError, EOFError, TypeError):
         return None
-    return data.get("settings") if data.get("stamp") == stamp else None
+    return settings if cached_stamp == stamp else None
 
 
 def _write_cache(cache, stamp, settings):
     tmp = f"{cache}.{os.getpid()}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"stamp": stamp, "settings": settings}, f)
+        with os.fdopen(fd, "wb") as f:
+            marshal.dump((stamp, settings), f)
         os.replace(tmp, cache)
     except OSError:
         # A read-only config directory only costs the YAML parse each call.

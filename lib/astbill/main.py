@@ -4,8 +4,11 @@ Whatever happens, the script exits 0 with ASTBILL_STATUS set where the
 channel still listens, one readable line in Asterisk's log, and no Python
 traceback on Asterisk's console.
 """
-import signal
 import sys
+
+# The C module itself: ``signal`` wraps it in enums, whose import costs more
+# than the rest of a call's start-up.
+import _signal as signal
 
 from . import callflow, spool
 from .agi import AGIError, Channel, Hangup

@@ -6,7 +6,6 @@ record through the normal, idempotent settlement and only then removes the
 file: a crash in between means the next replay finds the call already
 settled and just removes the file, so each call is charged exactly once.
 """
-import json
 import os
 
 SUFFIX = ".settle"
@@ -15,6 +14,7 @@ SUFFIX = ".settle"
 def write(spool_dir, uniqueid, outcome, late_call=None):
     """Spool one call's settlement; ``late_call`` (Call.record()) for a call
     let through an outage, which has no reservation to settle."""
+    import json
     record = {"uniqueid": uniqueid, "dialstatus": outcome.dialstatus,
               "talk_ms": outcome.talk_ms, "duration": outcome.duration,
               "dstchannel": outcome.dstchannel, "end": int(outcome.end), "late": late_call}
@@ -46,6 +46,7 @@ def pending(spool_dir):
 
 def read(path):
     """(uniqueid, Outcome, late call record or None) of one spooled call."""
+    import json
     from .credit import Outcome
     with open(path, encoding="utf-8") as f:
         r = json.load(f)

@@ -5,7 +5,6 @@ placeholder, its row-lock clause, how it stores money and which driver
 errors mean "retry", "lock wait timed out" or "unavailable".  Everything
 else -- and every piece of SQL -- lives here.
 """
-import random
 import time
 
 from ..money import D
@@ -30,6 +29,8 @@ class Store:
         self.settings = settings
         self._conn = None
         self._sql_cache = {}
+        self.began = 0.0         # when the current transaction started
+        self.lock_waited = 0.0   # seconds it took to get the last account lock
 
     # -- what a backend provides -------------------------------------------
     def _connect(self):
@@ -98,6 +99,7 @@ class Store:
             try:
                 conn = self.connection()
                 cur = conn.cursor()
+                self.began = time.monotonic()
                 cur.execute(self.begin_sql)
                 result = work(Tx(self, cur))
                 conn.commit()
@@ -106,6 +108,7 @@ class Store:
                 kind = self._classify(exc)
                 self._rollback()
                 if kind == "retry" and attempt < MAX_ATTEMPTS:
+                    import random  # rare: only after a deadlock
                     time.sleep(random.uniform(0.005, 0.02) * attempt)
                     continue
                 raise self._error(exc, kind) from None
@@ -180,6 +183,8 @@ class Tx:
 
     def lock_balance(self, account):
         row = self.one("SELECT balance FROM astaccount WHERE account = ? {lock}", (account,))
+        # SQLite takes its lock at BEGIN IMMEDIATE, MySQL here: count both.
+        self.store.lock_waited = time.monotonic() - self.store.began
         return None if row is None else self.store.money_out(row[0])
 
     def reserved(self, account):
