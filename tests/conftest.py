@@ -25,7 +25,8 @@ from astbill.store import open_store  # noqa: E402
 
 ASTBILL = str(ROOT / "astbill.py")
 ADMIN = str(ROOT / "astbill-admin")
-BACKENDS = ["sqlite", "mariadb"]
+# MariaDB through each driver: mysqlclient (when installed) and PyMySQL.
+BACKENDS = ["sqlite", "mariadb", "mariadb-pymysql"]
 _db_names = itertools.count(1)
 
 
@@ -120,13 +121,15 @@ class Billing:
 
 @pytest.fixture(params=BACKENDS)
 def billing(request, tmp_path):
+    settings = {}
     if request.param == "sqlite":
         database = f"sqlite://{tmp_path / 'astbill.db'}"
     else:
         server = request.getfixturevalue("mariadb")
         database = server.create_database(f"astbill_t{os.getpid()}_{next(_db_names)}")
-    b = Billing(tmp_path, database)
-    b.backend = request.param
+        settings["mysql_driver"] = "pymysql" if request.param == "mariadb-pymysql" else "auto"
+    b = Billing(tmp_path, database, **settings)
+    b.backend = request.param.split("-")[0]
     b.admin_ok("init-db")
     return b
 

@@ -100,3 +100,14 @@ def test_world_readable_config_with_a_password_warns(billing, tmp_path):
     status, out, err = billing.admin("-c", str(config), "calls")
     assert f"astbill-admin: warning: {config} is world-readable" in err
     assert "secret" not in err
+
+
+def test_the_mysql_driver_is_mysqlclient_when_installed_else_pymysql():
+    from astbill.store.mysql import load_driver
+    assert load_driver("pymysql").__name__ == "pymysql"
+    try:
+        import MySQLdb
+    except ImportError:
+        assert load_driver("auto").__name__ == "pymysql"
+    else:
+        assert load_driver("auto") is MySQLdb is load_driver("mysqlclient")

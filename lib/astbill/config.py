@@ -30,6 +30,7 @@ DEFAULTS = {
     "sweep_policy": "release",
     "asterisk_cdr_table": "",
     "database_password_env": "",
+    "mysql_driver": "auto",
     "tariffs": {},
 }
 _TYPES = {
@@ -39,9 +40,10 @@ _TYPES = {
     "decimals": int, "lock_wait_secs": int, "on_db_error": str,
     "db_error_allow_secs": int, "spool_dir": str, "sweep_grace_secs": int,
     "sweep_policy": str, "asterisk_cdr_table": str, "database_password_env": str,
-    "tariffs": dict,
+    "mysql_driver": str, "tariffs": dict,
 }
-_CHOICES = {"on_db_error": ("refuse", "allow"), "sweep_policy": ("release", "charge")}
+_CHOICES = {"on_db_error": ("refuse", "allow"), "sweep_policy": ("release", "charge"),
+            "mysql_driver": ("auto", "mysqlclient", "pymysql")}
 _RANGES = {"max_call_secs": (1, 86400), "ring_timeout": (1, 600),
            "warning_secs": (0, 3600), "decimals": (0, 6),
            "lock_wait_secs": (1, 60), "db_error_allow_secs": (1, 600),

@@ -154,7 +154,10 @@ class Tx:
         self.cur = cur
 
     def run(self, sql, params=()):
-        self.cur.execute(self.store.sql(sql), params)
+        if params:
+            self.cur.execute(self.store.sql(sql), params)
+        else:  # no parameters: no %-formatting by the MySQL drivers either
+            self.cur.execute(self.store.sql(sql))
         return self.cur
 
     def one(self, sql, params=()):

@@ -1,17 +1,26 @@
 """MySQL / MariaDB (and Galera): several Asterisk servers, one database.
 
-Uses mysqlclient (C, quick to import) when installed, else PyMySQL.
-Lock waits are bounded per session by innodb_lock_wait_timeout.
+The driver is mysqlclient (C; imports in a few ms) when installed, else
+PyMySQL (pure Python; its import alone costs several times a bare
+interpreter's start) -- or whichever ``mysql_driver`` names.  Lock waits
+are bounded per session by innodb_lock_wait_timeout.
 """
 import os
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .base import Store
 
-try:
-    import MySQLdb as driver
-except ImportError:
-    import pymysql as driver
+
+def load_driver(name):
+    if name in ("auto", "mysqlclient"):
+        try:
+            import MySQLdb
+            return MySQLdb
+        except ImportError:
+            if name == "mysqlclient":
+                raise
+    import pymysql
+    return pymysql
 
 SCHEMA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))), "sql", "mysql.sql")
@@ -43,11 +52,15 @@ class MySQLStore(Store):
     lock_clause = " FOR UPDATE"
     begin_sql = "START TRANSACTION"
     schema_file = SCHEMA
-    driver_errors = (driver.Error,)
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.driver = load_driver(settings.get("mysql_driver", "auto"))
+        self.driver_errors = (self.driver.Error,)
 
     def _connect(self):
         timeout = self.settings["lock_wait_secs"]
-        return driver.connect(
+        return self.driver.connect(
             **connect_args(self.settings["database"], self.settings.get("database_password_env", "")),
             charset="utf8mb4", autocommit=True, connect_timeout=timeout,
             init_command=f"SET SESSION innodb_lock_wait_timeout = {timeout}")
