@@ -170,17 +170,18 @@ def admin(config, *argv):
 
 
 def fill_cdr(config, rows):
-    """Add ``rows`` settled CDRs, the bulk way each backend allows."""
+    """Add ``rows`` settled, unanswered CDRs (cost 0: the books stay
+    balanced), the bulk way each backend allows."""
     store = open_store(load(str(config)))
     sql_sqlite = ("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
                   " INSERT INTO astcdr (uniqueid, start, account, tariff, prefix, rate, connect_fee,"
                   " min_secs, increment, max_secs, cost, state, dst, billsec)"
                   " SELECT 'old.' || i, '2026-01-01 00:00:00', 'many' || (i % 100), 'small', '49',"
-                  " 60000, 0, 60, 60, 3600, 60000, 'settled', '4912345678', 60 FROM n")
+                  " 60000, 0, 60, 60, 3600, 0, 'settled', '4912345678', 0 FROM n")
     sql_mysql = ("INSERT INTO astcdr (uniqueid, start, account, tariff, prefix, rate, connect_fee,"
                  " min_secs, increment, max_secs, cost, state, dst, billsec)"
                  " SELECT CONCAT('old.', seq), '2026-01-01 00:00:00', CONCAT('many', seq % 100),"
-                 f" 'small', '49', 0.06, 0, 60, 60, 3600, 0.06, 'settled', '4912345678', 60"
+                 f" 'small', '49', 0.06, 0, 60, 60, 3600, 0, 'settled', '4912345678', 0"
                  f" FROM seq_1_to_{rows}")
     if store.placeholder == "?":
         store.atomic(lambda tx: tx.run(sql_sqlite, (rows,)))
@@ -238,6 +239,7 @@ def main():
     parser.add_argument("--runs", type=int, default=40, help="calls per latency cell")
     parser.add_argument("--no-mariadb", action="store_true")
     parser.add_argument("--cdr-rows", type=int, default=1_000_000)
+    parser.add_argument("--bursts", default="20,50,100", help="calls started at once, comma-separated")
     args = parser.parse_args()
     subprocess.run([PY, "-m", "compileall", "-q", str(ROOT / "lib")], check=True,
                    stdout=subprocess.DEVNULL)
@@ -302,7 +304,7 @@ def report(workdir, backends, args):
     for label, database in backends:
         config = workdir / f"{label.lower()}.yaml"
         env["ASTBILL_CONFIG"] = str(config)
-        for n in (20, 50, 100):
+        for n in map(int, args.bursts.split(",")):
             for shared in (True, False):
                 rate, p99, refused = burst(env, config, n, shared, workdir / "timings")
                 who = "one account" if shared else "many accounts"

@@ -111,6 +111,12 @@ def check(raw, path="config"):
     scheme = settings["database"].split("://", 1)[0]
     if scheme not in ("sqlite", "mysql"):
         raise ConfigError(f"{path}: database must be a sqlite:// or mysql:// URL")
+    if scheme == "mysql":
+        from .store.mysql import connect_args
+        try:
+            connect_args(settings["database"])
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     source = settings["account_source"]
     variable = source[9:] if source.startswith("variable:") else ""
     if source not in ("accountcode", "callerid") and not (

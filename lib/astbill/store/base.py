@@ -119,10 +119,8 @@ class Store:
     def read(self, work):
         """Run read-only ``work(tx)`` outside a locking transaction."""
         try:
-            conn = self.connection()
-            result = work(Tx(self, conn.cursor()))
-            conn.commit()
-            return result
+            # Both backends run in autocommit mode outside atomic(): no commit.
+            return work(Tx(self, self.connection().cursor()))
         except self.driver_errors as exc:
             kind = self._classify(exc)
             self._rollback()

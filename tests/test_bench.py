@@ -1,0 +1,16 @@
+"""The benchmark runs (its numbers are read by people, never asserted here)."""
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_the_benchmark_runs_end_to_end():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--runs", "3",
+                             "--cdr-rows", "100", "--bursts", "5", "--no-mariadb"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "floor: python -c pass" in out and "SQLite authorize, 100,000 prefixes, 100 CDRs" in out
+    assert "SQLite after the bursts: audit: ok" in out
+    assert "refused 0" in out
