@@ -157,19 +157,24 @@ def test_fifty_concurrent_calls_never_overspend(tariff):
     assert all(c["state"] == "settled" for c in cdrs)
 
 
-def test_settlement_during_an_outage_is_spooled_and_replayed_once(tariff, request):
+def call_ended_during_an_outage(billing, request):
+    """A 61 s call whose database goes down while it is up: (uniqueid, result)."""
     gate = threading.Event()
-    call = start_held_call(tariff, gate, answered_ms=61_000)
+    call = start_held_call(billing, gate, answered_ms=61_000)
     assert call.dial_reached.wait(30)
-    restore = take_database_down(tariff, request)
+    restore = take_database_down(billing, request)
     gate.set()
     result = call.wait()
-    assert result.returncode == 0 and "ASTBILL_COST" not in result.variables_set
-    assert result.verbose[-1] == f"astbill: {call.uniqueid} database unavailable, settlement spooled"
-    spooled = list(tariff.spool.iterdir())
-    assert [p.name for p in spooled] == [f"{call.uniqueid}.settle"]
     restore()
-    assert tariff.reservations() == [(call.uniqueid,)]   # still owed, still reserved
+    return call.uniqueid, result
+
+
+def test_settlement_during_an_outage_is_spooled_and_replayed_once(tariff, request):
+    uniqueid, result = call_ended_during_an_outage(tariff, request)
+    assert result.returncode == 0 and "ASTBILL_COST" not in result.variables_set
+    assert result.verbose[-1] == f"astbill: {uniqueid} database unavailable, settlement spooled"
+    assert [p.name for p in tariff.spool.iterdir()] == [f"{uniqueid}.settle"]
+    assert tariff.reservations() == [(uniqueid,)]   # still owed, still reserved
     proc = tariff.admin_process("sweep", "--json")
     assert json.loads(proc.stdout)["replayed"] == 1, proc.stderr
     assert json.loads(tariff.admin_process("sweep", "--json").stdout)["replayed"] == 0
@@ -178,13 +183,7 @@ def test_settlement_during_an_outage_is_spooled_and_replayed_once(tariff, reques
 
 
 def test_the_next_call_replays_the_spool(tariff, request):
-    gate = threading.Event()
-    call = start_held_call(tariff, gate, answered_ms=61_000)
-    assert call.dial_reached.wait(30)
-    restore = take_database_down(tariff, request)
-    gate.set()
-    call.wait()
-    restore()
+    call_ended_during_an_outage(tariff, request)
     place_call(tariff, Scenario(answered_ms=1_000))
     assert list(tariff.spool.iterdir()) == []
     assert tariff.balance("1001") == Decimal("9.82")
