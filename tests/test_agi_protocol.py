@@ -110,3 +110,9 @@ def test_pyst2_writes_debug_lines_to_asterisks_console():
     text = b"".join(env_block("local-busy")).decode()
     pyst2.AGI(stdin=io.StringIO(text), stdout=io.StringIO(), stderr=err)
     assert "ENV LINE" in err.getvalue()
+
+
+def test_a_fastagi_hangup_line_is_noted_and_the_reply_still_read():
+    ch = channel_from(env_block("local-caller_hangup") + [b"HANGUP\n", b"200 result=1 (ANSWER)\n"])
+    assert ch.get("DIALSTATUS") == "ANSWER"
+    assert ch.hungup

@@ -15,7 +15,7 @@ from . import config, spool, sweeper
 from .credit import timestamp
 from .money import D, MoneyError, fmt
 from .rates_csv import RatesError, read_rates
-from .store import StoreError, open_store
+from .store import Conflict, NotFound, StoreError, open_store
 
 
 class AdminError(Exception):
@@ -104,10 +104,8 @@ def account_add(store, settings, args):
         raise AdminError("opening balance must not be negative")
     try:
         store.atomic(lambda tx: tx.add_account(account, tariff, balance, timestamp()))
-    except StoreError as exc:
-        if "Duplicate" in str(exc) or "UNIQUE" in str(exc):
-            raise AdminError(f"account {account} exists") from None
-        raise
+    except Conflict:
+        raise AdminError(f"account {account} exists") from None
     account_show(store, settings, args)
 
 
@@ -128,10 +126,8 @@ def topup(store, settings, args):
         raise AdminError("top-up amount must be positive")
     try:
         store.atomic(lambda tx: tx.change_balance(args.account, amount, "topup", None, timestamp()))
-    except StoreError as exc:
-        if "no account" in str(exc):
-            raise AdminError(f"no account {args.account}") from None
-        raise
+    except NotFound:
+        raise AdminError(f"no account {args.account}") from None
     account_show(store, settings, args)
 
 

@@ -102,6 +102,11 @@ class Channel:
         except (BrokenPipeError, ConnectionResetError):
             raise Hangup("AGI pipe closed") from None
         line = self._readline()
+        # FastAGI announces a hangup with a line of its own; local AGI gets
+        # SIGHUP instead.  Either way the reply follows.
+        while line == "HANGUP":
+            self.hungup = True
+            line = self._readline()
         while line.startswith("520-"):  # multi-line usage text, ends with "520 "
             line = self._readline()
         return parse_reply(line)

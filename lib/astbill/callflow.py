@@ -12,7 +12,7 @@ from .agi import AGIError, Hangup
 from .credit import ERROR, INVALID, NOACCOUNT, OK
 from .money import fmt
 from .rating import normalize_destination
-from .store import StoreError, open_store
+from .store import LockTimeout, StoreError, open_store
 
 SETTLE_ATTEMPTS = 3
 
@@ -51,6 +51,9 @@ def handle(channel, settings):
         decision = authorize(call, settings)
     except Refused as refusal:
         return refuse(channel, refusal.status, str(refusal))
+    except LockTimeout as exc:
+        # A busy account is not an outage: never let it bypass its balance.
+        return refuse(channel, ERROR, str(exc))
     except StoreError as exc:
         if settings["on_db_error"] != "allow":
             return refuse(channel, ERROR, str(exc))

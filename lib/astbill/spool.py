@@ -39,7 +39,7 @@ def pending(spool_dir):
     """Paths of the spooled settlements, oldest first."""
     try:
         entries = [e for e in os.scandir(spool_dir) if e.name.endswith(SUFFIX)]
-    except FileNotFoundError:
+    except OSError:
         return []
     return [e.path for e in sorted(entries, key=lambda e: e.stat().st_mtime)]
 

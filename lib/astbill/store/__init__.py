@@ -1,5 +1,5 @@
 """Open the configured database, importing only that backend's driver."""
-from .base import LockTimeout, StoreError
+from .base import Conflict, LockTimeout, NotFound, StoreError
 
 
 def open_store(settings):
@@ -11,4 +11,4 @@ def open_store(settings):
     return MySQLStore(settings)
 
 
-__all__ = ["open_store", "StoreError", "LockTimeout"]
+__all__ = ["open_store", "StoreError", "LockTimeout", "Conflict", "NotFound"]

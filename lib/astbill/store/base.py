@@ -20,6 +20,14 @@ class LockTimeout(StoreError):
     """Waited longer than lock_wait_secs for an account's row lock."""
 
 
+class Conflict(StoreError):
+    """The row exists already (a duplicate key)."""
+
+
+class NotFound(StoreError):
+    """The account to change does not exist."""
+
+
 class Store:
     placeholder = "?"
     lock_clause = ""
@@ -138,6 +146,8 @@ class Store:
         text = " ".join(str(exc).split()) or type(exc).__name__
         if kind == "timeout":
             return LockTimeout(f"lock wait timed out: {text}")
+        if kind == "integrity":
+            return Conflict(f"already there: {text}")
         if kind is None:
             # The connection may be broken; never reuse it.
             self.close()
@@ -233,7 +243,7 @@ class Tx:
         changed = self.run("UPDATE astaccount SET balance = balance + ? WHERE account = ?",
                            (m, account)).rowcount
         if changed != 1:
-            raise StoreError(f"no account {account!r}")
+            raise NotFound(f"no account {account}")
         self.run("INSERT INTO astledger (account, amount, kind, uniqueid, created)"
                  " VALUES (?, ?, ?, ?, ?)", (account, m, kind, uniqueid, now))
 

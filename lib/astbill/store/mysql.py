@@ -85,6 +85,9 @@ class MySQLStore(Store):
         return self.driver.connect(
             **connect_args(self.settings["database"], self.settings.get("database_password_env", "")),
             charset="utf8mb4", autocommit=True, connect_timeout=timeout,
+            # A server that stops answering must not hold the call: past any
+            # lock wait, a silent read is an outage.
+            read_timeout=timeout + 5, write_timeout=timeout + 5,
             init_command=f"SET SESSION innodb_lock_wait_timeout = {timeout}")
 
     def _classify(self, exc):
