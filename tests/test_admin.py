@@ -106,8 +106,8 @@ def test_the_mysql_driver_is_mysqlclient_when_installed_else_pymysql():
     from astbill.store.mysql import load_driver
     assert load_driver("pymysql").__name__ == "pymysql"
     try:
-        import MySQLdb
+        from MySQLdb import _mysql
     except ImportError:
         assert load_driver("auto").__name__ == "pymysql"
     else:
-        assert load_driver("auto") is MySQLdb is load_driver("mysqlclient")
+        assert load_driver("auto") is _mysql is load_driver("mysqlclient")
