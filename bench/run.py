@@ -131,7 +131,7 @@ def prepare(workdir, database, label):
     """A config and a database with the two tariffs and the accounts."""
     config = workdir / f"{label}.yaml"
     config.write_text(f"database: {database}\ndial: \"PJSIP/{{number}}@trunk\"\n"
-                      f"spool_dir: {workdir}\nlock_wait_secs: 30\n")
+                      f"spool_dir: {workdir}\n")
     config.chmod(0o600)
     settings = dict(load(str(config)), create_database=True)
     store = open_store(settings)

@@ -87,32 +87,25 @@ def identify(channel, settings):
     call = Call()
     call.started = time.time()
     call.uniqueid = env.get("agi_uniqueid", "")
-    if not (0 < len(call.uniqueid) <= 150 and call.uniqueid.replace(".", "").replace(
-            "-", "").replace("_", "").isalnum() and call.uniqueid.isascii()):
+    if not (0 < len(call.uniqueid) <= 150 and call.uniqueid.isascii()
+            and call.uniqueid.replace(".", "").replace("-", "").replace("_", "").isalnum()):
         raise Refused(INVALID, f"bad uniqueid {call.uniqueid[:40]!r}")
     source = settings["account_source"]
     variable = source[9:] if source.startswith("variable:") else None
+    # One round trip for all we need from the channel before dialling.
     wanted = "${CHANNEL(state)}|${CDR(billsec,f)}|${CHANNEL(linkedid)}"
-    if variable:
-        wanted += "|${%s}" % variable
-    fields = channel.get_full(wanted).split("|", 3)
+    state, up_secs, linkedid, account_var = (
+        channel.get_full(wanted + ("|${%s}" % variable if variable else "")).split("|", 3) + [""] * 3)[:4]
     call.pre_read_at = time.monotonic()
-    fields += [""] * (4 - len(fields))
-    call.pre_up_ms = seconds_to_ms(fields[1]) if fields[0] == "Up" else 0
+    call.pre_up_ms = seconds_to_ms(up_secs) if state == "Up" else 0
 
-    callerid = env.get("agi_callerid", "")
-    callerid = "" if callerid == "unknown" else callerid
-    if variable:
-        account = fields[3]
-    elif source == "callerid":
-        account = callerid
-    else:
-        account = env.get("agi_accountcode", "")
-    if not account:
+    callerid = known(env.get("agi_callerid", ""))
+    call.account = account_var if variable else (
+        callerid if source == "callerid" else env.get("agi_accountcode", ""))
+    if not call.account:
         raise Refused(NOACCOUNT, "no account on the channel")
-    if len(account) > 80 or not account.isprintable():
-        raise Refused(INVALID, f"bad account {account[:40]!r}")
-    call.account = account
+    if len(call.account) > 80 or not call.account.isprintable():
+        raise Refused(INVALID, f"bad account {call.account[:40]!r}")
 
     dialled = env.get("agi_arg_1") or env.get("agi_extension", "")
     call.number = normalize_destination(dialled, settings["international_prefix"],
@@ -120,14 +113,18 @@ def identify(channel, settings):
     if call.number is None:
         raise Refused(INVALID, f"bad destination {dialled[:40]!r}")
 
-    name = env.get("agi_calleridname", "")
-    name = "" if name == "unknown" else name
+    name = known(env.get("agi_calleridname", ""))
     call.cdr = {"uniqueid": call.uniqueid, "clid": f'"{name}" <{callerid}>'[:80],
                 "src": callerid[:80], "dst": call.number, "dcontext": env.get("agi_context", "")[:80],
                 "channel": env.get("agi_channel", "")[:80], "lastapp": "Dial",
                 "accountcode": env.get("agi_accountcode", "")[:80],
-                "linkedid": (fields[2] or call.uniqueid)[:150]}
+                "linkedid": (linkedid or call.uniqueid)[:150]}
     return call
+
+
+def known(value):
+    """Asterisk writes 'unknown' for an absent caller ID."""
+    return "" if value == "unknown" else value
 
 
 def authorize(call, settings):
