@@ -236,3 +236,50 @@ def take_database_down(billing, request):
     server.kill()
     request.addfinalizer(lambda: server.running or server.restart())
     return server.restart
+
+
+def test_a_call_killed_while_in_its_dial_is_swept(tariff):
+    gate = threading.Event()
+    call = start_held_call(tariff, gate, answered_ms=61_000)
+    assert call.dial_reached.wait(30)
+    os.kill(call.pid, signal.SIGKILL)
+    gate.set()
+    assert call.wait().returncode == -signal.SIGKILL
+    assert tariff.cdr(call.uniqueid)["state"] == "active"
+    assert [d["uniqueid"] for d in sweep_later(tariff)] == [call.uniqueid]
+    invariants(tariff, D10)
+
+
+def test_two_sweeps_at_once_resolve_each_call_once(tariff):
+    tariff.write_config(sweep_policy="charge")
+    tariff.admin_ok("topup", "1001", "10")
+    killed = [place_call(tariff, Scenario(kill_after_dial_sent=True)).uniqueid for _ in range(4)]
+    results = [None, None]
+
+    def sweep(i):
+        results[i] = sweep_later(tariff)
+
+    threads = [threading.Thread(target=sweep, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    swept = sorted(d["uniqueid"] for r in results for d in r)
+    assert swept == sorted(killed)                       # each call by exactly one sweep
+    assert tariff.balance("1001") == Decimal("20") - 4 * Decimal("3.6")
+    invariants(tariff, {"1001": Decimal("20")})
+
+
+def test_the_audit_names_every_mismatch(tariff):
+    call = place_call(tariff, Scenario(answered_ms=61_000))
+    store = tariff.store()
+    store.atomic(lambda tx: tx.run("UPDATE astaccount SET balance = balance + ? WHERE account = '1001'",
+                                   (store.money_in(Decimal("1")),)))
+    store.atomic(lambda tx: tx.run("DELETE FROM astledger WHERE kind = 'call'"))
+    store.close()
+    status, out, _ = tariff.admin("audit")
+    assert status == 1
+    assert out.splitlines() == [
+        "account 1001: balance 10.8800 but its ledger sums to 10.0000",
+        f"call {call.uniqueid}: cost 0.1200 but the ledger has no charge",
+        "audit: 2 problems"]

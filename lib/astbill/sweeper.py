@@ -10,6 +10,7 @@ import calendar
 import time
 
 from .credit import Outcome, settle
+from .money import fmt
 
 
 def epoch(stamp):
@@ -54,13 +55,16 @@ def sweep(store, settings, now=None):
 def audit(store, settings, now=None):
     """Every way the books disagree with themselves, one line each."""
     now = time.time() if now is None else now
+    places = settings["decimals"]
     problems = []
     for account, balance, ledger in store.read(lambda tx: tx.ledger_mismatches()):
-        problems.append(f"account {account}: balance {balance} but ledger sums to {ledger}")
+        problems.append(f"account {account}: balance {fmt(balance, places)}"
+                        f" but its ledger sums to {fmt(ledger, places)}")
     for account, balance in store.read(lambda tx: tx.negative_balances()):
-        problems.append(f"account {account}: balance {balance} is below zero")
+        problems.append(f"account {account}: balance {fmt(balance, places)} is below zero")
     for uniqueid, cost, charged in store.read(lambda tx: tx.unledgered_charges()):
-        problems.append(f"call {uniqueid}: cost {cost} but ledger charged {charged}")
+        ledger = "no charge" if charged is None else f"a charge of {fmt(charged, places)}"
+        problems.append(f"call {uniqueid}: cost {fmt(cost, places)} but the ledger has {ledger}")
     for uniqueid, state in store.read(lambda tx: tx.orphans()):
         problems.append(f"call {uniqueid}: {state}")
     for res in store.read(lambda tx: tx.reservations()):
