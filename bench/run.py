@@ -172,7 +172,7 @@ def admin(config, *argv):
 def fill_cdr(config, rows):
     """Add ``rows`` settled, unanswered CDRs (cost 0: the books stay
     balanced), the bulk way each backend allows."""
-    store = open_store(load(str(config)))
+    store = open_store(dict(load(str(config)), lock_wait_secs=60))  # one long statement
     sql_sqlite = ("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
                   " INSERT INTO astcdr (uniqueid, start, account, tariff, prefix, rate, connect_fee,"
                   " min_secs, increment, max_secs, cost, state, dst, billsec)"
