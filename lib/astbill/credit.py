@@ -26,13 +26,11 @@ def timestamp(epoch=None):
 
 
 class Decision:
-    __slots__ = ("status", "max_secs", "max_cost", "rate", "late")
+    __slots__ = ("status", "max_secs", "late")
 
-    def __init__(self, status, max_secs=0, max_cost=None, rate=None, late=False):
+    def __init__(self, status, max_secs=0, late=False):
         self.status = status
         self.max_secs = max_secs
-        self.max_cost = max_cost
-        self.rate = rate
         self.late = late  # let through a database outage: billed afterwards
 
 
@@ -97,7 +95,7 @@ def reserve(store, call, rate, settings):
                          prefix=rate.prefix, rate=rate.per_min,
                          connect_fee=rate.connect_fee, min_secs=rate.min_secs,
                          increment=rate.increment, max_secs=max_secs, state="active"))
-        return Decision(OK, max_secs, max_cost, rate)
+        return Decision(OK, max_secs)
 
     return store.atomic(work)
 

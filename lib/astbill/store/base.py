@@ -219,8 +219,7 @@ class Tx:
         """What settling a call needs, from its own rows; None if unknown."""
         row = self.one(
             "SELECT c.account, c.tariff, c.prefix, c.rate, c.connect_fee, c.min_secs,"
-            " c.increment, c.max_secs, c.state, c.start, c.cost, c.billsec,"
-            " r.max_cost, r.created"
+            " c.increment, c.max_secs, c.state, c.cost, c.billsec, r.max_cost"
             " FROM astcdr c LEFT JOIN astcreditres r ON r.uniqueid = c.uniqueid"
             " WHERE c.uniqueid = ?", (uniqueid,))
         if row is None:
@@ -228,10 +227,9 @@ class Tx:
         m = self.store.money_out
         return {"account": row[0], "tariff": row[1], "prefix": row[2], "rate": m(row[3]),
                 "connect_fee": m(row[4]), "min_secs": row[5], "increment": row[6],
-                "max_secs": row[7], "state": row[8], "start": str(row[9]),
-                "cost": None if row[10] is None else m(row[10]), "billsec": row[11],
-                "max_cost": None if row[12] is None else m(row[12]),
-                "reserved_at": None if row[13] is None else str(row[13])}
+                "max_secs": row[7], "state": row[8],
+                "cost": None if row[9] is None else m(row[9]), "billsec": row[10],
+                "max_cost": None if row[11] is None else m(row[11])}
 
     def take_reservation(self, uniqueid):
         """Delete the call's reservation; False if another settlement did."""
