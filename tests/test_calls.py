@@ -1,15 +1,17 @@
 """Whole calls: the real astbill.py process against an AGI peer that answers
 as Asterisk 20 does, on SQLite and on MariaDB."""
+import os
+import sys
 import threading
 from decimal import Decimal
 
 import pytest
 
-from agipeer import Scenario
+from agipeer import Scenario, agi_env, run_call
 from astbill import credit
 from astbill.config import load
 from astbill.store import open_store
-from conftest import place_call, start_held_call
+from conftest import ASTBILL, place_call, start_held_call
 
 UNANSWERED = [("BUSY", "BUSY"), ("NOANSWER", "NO ANSWER"), ("CONGESTION", "CONGESTION"),
               ("CHANUNAVAIL", "FAILED"), ("CANCEL", "NO ANSWER")]
@@ -148,3 +150,13 @@ def test_a_broken_config_refuses_the_call_cleanly(tariff):
     assert (result.returncode, result.stderr, result.dial_args) == (0, "", None)
     assert result.variables_set["ASTBILL_STATUS"] == "ERROR"
     assert len(result.verbose) == 1 and "not valid YAML" in result.verbose[0]
+
+
+def test_agi_arguments_name_the_config_and_the_number(tariff):
+    block = agi_env(agi_extension="9", agi_accountcode="1001", agi_arg_1="-c",
+                    agi_arg_2=str(tariff.config), agi_arg_3="+4915123456")
+    env = {k: v for k, v in os.environ.items() if k != "ASTBILL_CONFIG"}
+    result = run_call([sys.executable, ASTBILL, "-c", str(tariff.config), "+4915123456"],
+                      Scenario(answered_ms=10_500), block, env)
+    assert result.dial_args.startswith("PJSIP/4915123456@trunk,"), result.dialogue_text()
+    assert result.variables_set["ASTBILL_COST"] == "0.0200"

@@ -42,12 +42,12 @@ class Call:
         return call
 
 
-def handle(channel, settings):
-    """Bill one call on ``channel``.  Never raises for anything Asterisk
-    or the database does; the dialplan learns the outcome from
-    ASTBILL_STATUS and Asterisk's log gets one line."""
+def handle(channel, settings, target=None):
+    """Bill one call on ``channel`` to ``target`` (default: the extension).
+    Never raises for anything Asterisk or the database does; the dialplan
+    learns the outcome from ASTBILL_STATUS and Asterisk's log gets one line."""
     try:
-        call = identify(channel, settings)
+        call = identify(channel, settings, target)
         decision = authorize(call, settings)
     except Refused as refusal:
         return refuse(channel, refusal.status, str(refusal))
@@ -81,7 +81,7 @@ def handle(channel, settings):
     channel.set("ASTBILL_BILLSEC", settlement.billsec)
 
 
-def identify(channel, settings):
+def identify(channel, settings, target=None):
     """The call's account, number and CDR fields, from the AGI environment."""
     env = channel.env
     call = Call()
@@ -107,7 +107,7 @@ def identify(channel, settings):
     if len(call.account) > 80 or not call.account.isprintable():
         raise Refused(INVALID, f"bad account {call.account[:40]!r}")
 
-    dialled = env.get("agi_arg_1") or env.get("agi_extension", "")
+    dialled = target or env.get("agi_extension", "")
     call.number = normalize_destination(dialled, settings["international_prefix"],
                                         settings["national_prefix"], settings["country_code"])
     if call.number is None:

@@ -23,8 +23,9 @@ def main(argv, stdin=None, stdout=None):
     signal.signal(signal.SIGHUP, channel.note_hangup)
     try:
         channel.read_env()
-        settings = load(config_arg(argv))
-        callflow.handle(channel, settings)
+        config, target = parse_args(agi_args(channel.env) or argv)
+        settings = load(config)
+        callflow.handle(channel, settings, target)
     except ConfigError as exc:
         report(channel, f"{ERROR} {exc}")
         return 0
@@ -38,11 +39,21 @@ def main(argv, stdin=None, stdout=None):
     return 0
 
 
-def config_arg(argv):
-    """``AGI(astbill.py,-c,/etc/astbill/astbill.yaml)`` picks a config file."""
-    if len(argv) >= 2 and argv[0] in ("-c", "--config"):
-        return argv[1]
-    return None
+def agi_args(env):
+    """The arguments of AGI(astbill.py,...), as Asterisk sends them."""
+    args = []
+    while f"agi_arg_{len(args) + 1}" in env:
+        args.append(env[f"agi_arg_{len(args) + 1}"])
+    return args
+
+
+def parse_args(args):
+    """(config file or None, number to dial or None) from the AGI arguments:
+    ``AGI(astbill.py[,-c,FILE][,NUMBER])``."""
+    config = None
+    if len(args) >= 2 and args[0] in ("-c", "--config"):
+        config, args = args[1], args[2:]
+    return config, (args[0] if args and args[0] else None)
 
 
 def report(channel, message):
