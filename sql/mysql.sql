@@ -6,6 +6,7 @@ CREATE TABLE IF NOT EXISTS astaccount (
   account     VARCHAR(80)   NOT NULL,
   tariff      VARCHAR(40)   NOT NULL,
   balance     DECIMAL(19,6) NOT NULL,
+  reserved    DECIMAL(19,6) NOT NULL DEFAULT 0,  -- sum of its calls' max_cost in astcreditres
   created     DATETIME      NOT NULL,
   PRIMARY KEY (account)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
@@ -66,7 +67,7 @@ CREATE TABLE IF NOT EXISTS astcdr (
   increment   INT           NOT NULL,
   max_secs    INT           NOT NULL,
   cost        DECIMAL(19,6) NULL,
-  state       VARCHAR(16)   NOT NULL,  -- active, settled, released, charged
+  state       VARCHAR(16)   NOT NULL,  -- active, settled, released, charged, late, unbilled
   PRIMARY KEY (uniqueid),
   KEY astcdr_account_start (account, start),
   KEY astcdr_state (state)
@@ -77,7 +78,7 @@ CREATE TABLE IF NOT EXISTS astledger (
   id          BIGINT        NOT NULL AUTO_INCREMENT,
   account     VARCHAR(80)   NOT NULL,
   amount      DECIMAL(19,6) NOT NULL,  -- signed: + credit, - charge
-  kind        VARCHAR(16)   NOT NULL,  -- open, topup, call, adjust, reaper
+  kind        VARCHAR(16)   NOT NULL,  -- open, topup, call, reaper
   uniqueid    VARCHAR(150)  NULL,      -- the call, for call and reaper rows
   created     DATETIME      NOT NULL,
   PRIMARY KEY (id),

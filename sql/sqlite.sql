@@ -6,6 +6,7 @@ CREATE TABLE IF NOT EXISTS astaccount (
   account     VARCHAR(80)   NOT NULL,
   tariff      VARCHAR(40)   NOT NULL,
   balance     INTEGER       NOT NULL,
+  reserved    INTEGER       NOT NULL DEFAULT 0,  -- sum of its calls' max_cost in astcreditres
   created     TEXT          NOT NULL,
   PRIMARY KEY (account)
 );
@@ -65,7 +66,7 @@ CREATE TABLE IF NOT EXISTS astcdr (
   increment   INT           NOT NULL,
   max_secs    INT           NOT NULL,
   cost        INTEGER       NULL,
-  state       VARCHAR(16)   NOT NULL,  -- active, settled, released, charged
+  state       VARCHAR(16)   NOT NULL,  -- active, settled, released, charged, late, unbilled
   PRIMARY KEY (uniqueid)
 );
 
@@ -74,7 +75,7 @@ CREATE TABLE IF NOT EXISTS astledger (
   id          INTEGER       NOT NULL,
   account     VARCHAR(80)   NOT NULL,
   amount      INTEGER       NOT NULL,  -- signed: + credit, - charge
-  kind        VARCHAR(16)   NOT NULL,  -- open, topup, call, adjust, reaper
+  kind        VARCHAR(16)   NOT NULL,  -- open, topup, call, reaper
   uniqueid    VARCHAR(150)  NULL,      -- the call, for call and reaper rows
   created     TEXT          NOT NULL,
   PRIMARY KEY (id)

@@ -14,9 +14,10 @@ def test_account_add_show_list_and_topup(billing):
         "account  tariff   balance  reserved  available  calls\n"
         "1001     default  12.5000  0.0000    12.5000    0\n")
     billing.admin_ok("account", "add", "2002", "--balance", "0.123456", "--tariff", "gold")
+    billing.admin_ok("account", "add", "3003", "--balance", "0")
     listed = json.loads(billing.admin_ok("account", "list", "--json"))
     assert [(a["account"], a["balance"], a["tariff"]) for a in listed] == [
-        ("1001", "12.5000", "default"), ("2002", "0.123456", "gold")]
+        ("1001", "12.5000", "default"), ("2002", "0.123456", "gold"), ("3003", "0.0000", "default")]
 
 
 def test_bad_input_is_one_line_and_changes_nothing(billing):

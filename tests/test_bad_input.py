@@ -2,6 +2,7 @@
 one-line refusal and changes no row.  Property-based where it pays."""
 import io
 import itertools
+import json
 import os
 
 import pytest
@@ -137,3 +138,26 @@ def test_any_rates_csv_is_imported_whole_or_refused_by_line(rows):
         for r in rates:
             assert r.prefix.isdigit() and len(r.prefix) <= MAX_DIGITS
             assert r.per_min >= 0 and r.connect_fee >= 0 and r.increment >= 1
+
+
+def test_a_pipe_closed_before_the_dial_releases_the_reservation(tariff):
+    # Asterisk answers the first SET VARIABLE, then the caller is gone.
+    stdin = env_bytes() + b"".join(CALL_REPLIES[:2])
+    status, lines = run_in_process(tariff, stdin)
+    assert status == 0 and not any(line.startswith(b"EXEC Dial") for line in lines)
+    assert tariff.reservations() == []
+    (uniqueid,), = tariff.query("SELECT uniqueid FROM astcdr")
+    cdr = tariff.cdr(uniqueid)
+    assert (cdr["state"], cdr["cost"], cdr["disposition"]) == ("settled", 0, "NO ANSWER")
+    assert tariff.balance("1001") == 10
+
+
+def test_a_spool_record_that_cannot_be_replayed_is_set_aside(tariff):
+    (tariff.spool / "1.1.settle").write_text("{not json")
+    (tariff.spool / "1.2.settle").write_text(
+        '{"uniqueid": "1.2", "dialstatus": "ANSWER", "talk_ms": 5000, "duration": 5,'
+        ' "dstchannel": "", "end": 1, "late": null}')
+    proc = tariff.admin_process("sweep", "--json")
+    assert json.loads(proc.stdout)["set_aside"] == 2, proc.stderr
+    assert sorted(p.name for p in tariff.spool.glob("*.bad")) == ["1.1.settle.bad", "1.2.settle.bad"]
+    assert json.loads(tariff.admin_process("sweep", "--json").stdout)["set_aside"] == 0

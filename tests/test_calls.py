@@ -34,7 +34,7 @@ def assert_billed(tariff, result, billsec, cost, balance, disposition="ANSWERED"
     ("4912345678", 61_500, 61, "0.1200", "9.88"),     # 60/60 at 0.06: two minutes
     ("4930123456", 31_200, 31, "0.0280", "9.972"),    # 30/6 at 0.03 + 0.01: 36 s
     ("4915123456", 59_999, 59, "0.1180", "9.882"),    # 1/1 at 0.12: 59 s
-    ("4912345678", 900, 0, "0.0000", "10"),           # under a second of talk bills nothing
+    ("4912345678", 900, 0, "0.0600", "9.94"),         # answered: even 0.9 s bills the minimum
 ])
 def test_answered_calls_are_billed_by_their_increments(tariff, number, talk_ms, billsec, cost, balance):
     result = place_call(tariff, Scenario(answered_ms=talk_ms), number=number)

@@ -174,7 +174,7 @@ def test_settlement_during_an_outage_is_spooled_and_replayed_once(tariff, reques
     uniqueid, result = call_ended_during_an_outage(tariff, request)
     assert result.returncode == 0 and "ASTBILL_COST" not in result.variables_set
     assert result.verbose[-1] == f"astbill: {uniqueid} database unavailable, settlement spooled"
-    assert [p.name for p in tariff.spool.iterdir()] == [f"{uniqueid}.settle"]
+    assert [p.name for p in tariff.spool.glob("*.settle")] == [f"{uniqueid}.settle"]
     assert tariff.reservations() == [(uniqueid,)]   # still owed, still reserved
     proc = tariff.admin_process("sweep", "--json")
     assert json.loads(proc.stdout)["replayed"] == 1, proc.stderr
@@ -186,7 +186,7 @@ def test_settlement_during_an_outage_is_spooled_and_replayed_once(tariff, reques
 def test_the_next_call_replays_the_spool(tariff, request):
     call_ended_during_an_outage(tariff, request)
     place_call(tariff, Scenario(answered_ms=1_000))
-    assert list(tariff.spool.iterdir()) == []
+    assert list(tariff.spool.glob("*.settle")) == []
     assert tariff.balance("1001") == Decimal("9.82")
     invariants(tariff, D10)
 
@@ -202,6 +202,16 @@ def test_an_outage_at_authorization_refuses_quickly(tariff):
     assert "secret" not in " ".join(result.verbose)
     tariff.write_config(database=good)
     assert tariff.query("SELECT COUNT(*) FROM astcdr") == [(0,)]
+
+
+def test_a_repeated_uniqueid_is_refused_even_when_outages_are_allowed(tariff):
+    tariff.write_config(on_db_error="allow")
+    first = place_call(tariff, Scenario(answered_ms=61_000))
+    again = place_call(tariff, Scenario(answered_ms=61_000), agi_uniqueid=first.uniqueid)
+    assert again.variables_set["ASTBILL_STATUS"] == "ERROR"
+    assert again.verbose == [f"astbill: ERROR call {first.uniqueid} was authorized already"]
+    assert again.dial_args is None
+    assert tariff.balance("1001") == Decimal("9.88")
 
 
 def test_on_db_error_allow_lets_a_short_call_through_and_bills_it_later(tariff):
@@ -273,13 +283,15 @@ def test_two_sweeps_at_once_resolve_each_call_once(tariff):
 def test_the_audit_names_every_mismatch(tariff):
     call = place_call(tariff, Scenario(answered_ms=61_000))
     store = tariff.store()
-    store.atomic(lambda tx: tx.run("UPDATE astaccount SET balance = balance + ? WHERE account = '1001'",
-                                   (store.money_in(Decimal("1")),)))
+    one = store.money_in(Decimal("1"))
+    store.atomic(lambda tx: tx.run("UPDATE astaccount SET balance = balance + ?, reserved = ?"
+                                   " WHERE account = '1001'", (one, one)))
     store.atomic(lambda tx: tx.run("DELETE FROM astledger WHERE kind = 'call'"))
     store.close()
     status, out, _ = tariff.admin("audit")
     assert status == 1
     assert out.splitlines() == [
         "account 1001: balance 10.8800 but its ledger sums to 10.0000",
+        "account 1001: reserved 1.0000 but its calls in progress hold 0.0000",
         f"call {call.uniqueid}: cost 0.1200 but the ledger has no charge",
-        "audit: 2 problems"]
+        "audit: 3 problems"]

@@ -164,9 +164,9 @@ def cdr(store, settings, args):
 
 
 def sweep(store, settings, args):
-    replayed, unreadable = spool.replay(store, settings["spool_dir"], settings["decimals"])
+    replayed, set_aside = spool.replay(store, settings["spool_dir"], settings["decimals"])
     results = sweeper.sweep(store, settings)
-    report = {"replayed": replayed, "unreadable_spool": unreadable,
+    report = {"replayed": replayed, "set_aside": set_aside,
               "swept": [dict(r, cost=fmt(r["cost"], settings["decimals"])) for r in results]}
     if args.json:
         print(json.dumps(report))

@@ -20,7 +20,15 @@ MAX_LINE = 8192
 
 
 class Hangup(Exception):
-    """The AGI pipe is closed: Asterisk has gone away from this call."""
+    """The AGI pipe is closed: Asterisk has gone away from this call.
+
+    ``sent`` tells whether the last command reached Asterisk before the
+    pipe closed (it may then have run) or could not be written at all.
+    """
+
+    def __init__(self, message, sent=True):
+        super().__init__(message)
+        self.sent = sent
 
 
 class AGIError(Exception):
@@ -100,7 +108,7 @@ class Channel:
             self._w.write(text.encode("utf-8") + b"\n")
             self._w.flush()
         except (BrokenPipeError, ConnectionResetError):
-            raise Hangup("AGI pipe closed") from None
+            raise Hangup("AGI pipe closed", sent=False) from None
         line = self._readline()
         # FastAGI announces a hangup with a line of its own; local AGI gets
         # SIGHUP instead.  Either way the reply follows.

@@ -12,7 +12,7 @@ from .agi import AGIError, Hangup
 from .credit import ERROR, INVALID, NOACCOUNT, OK
 from .money import fmt
 from .rating import normalize_destination
-from .store import LockTimeout, StoreError, open_store
+from .store import Conflict, LockTimeout, StoreError, open_store
 
 SETTLE_ATTEMPTS = 3
 
@@ -44,8 +44,11 @@ class Call:
 
 def handle(channel, settings, target=None):
     """Bill one call on ``channel`` to ``target`` (default: the extension).
-    Never raises for anything Asterisk or the database does; the dialplan
-    learns the outcome from ASTBILL_STATUS and Asterisk's log gets one line."""
+
+    The dialplan learns the outcome from ASTBILL_STATUS, and Asterisk's log
+    gets one line.  Returns the Settlement when the call was settled now.  Nothing the database does escapes; a closed AGI pipe
+    (Hangup) or nonsense from Asterisk (AGIError) does, for main to report.
+    """
     try:
         call = identify(channel, settings, target)
         decision = authorize(call, settings)
@@ -54,6 +57,8 @@ def handle(channel, settings, target=None):
     except LockTimeout as exc:
         # A busy account is not an outage: never let it bypass its balance.
         return refuse(channel, ERROR, str(exc))
+    except Conflict:
+        return refuse(channel, ERROR, f"call {call.uniqueid} was authorized already")
     except StoreError as exc:
         if settings["on_db_error"] != "allow":
             return refuse(channel, ERROR, str(exc))
@@ -61,24 +66,25 @@ def handle(channel, settings, target=None):
     if decision.status != OK:
         return refuse(channel, decision.status, f"account {call.account} to {call.number}")
     call.max_secs = decision.max_secs
-    channel.set("ASTBILL_STATUS", OK)
-    channel.set("ASTBILL_MAXSECS", decision.max_secs)
 
     try:
         outcome = dial(channel, call, decision, settings)
     except (Hangup, AGIError) as exc:
-        # Asterisk can no longer say how the call went; the reservation
-        # stays for the sweeper, which knows the longest it could have lasted.
+        # Dial may have run, but Asterisk can no longer say how it went; the
+        # reservation stays for the sweeper, which knows the longest it could
+        # have lasted.
         log(channel, f"{call.uniqueid} left for the sweeper: {exc}")
         return
     try:
         settlement = settle(call, outcome, decision.late, settings)
     except OSError as exc:
-        return log(channel, f"{call.uniqueid} neither settled nor spooled, left for the sweeper: {exc}")
+        return log(channel, f"{call.uniqueid} neither settled nor spooled, left for the sweeper"
+                            f" (DIALSTATUS {outcome.dialstatus}, talk {outcome.talk_ms} ms): {exc}")
     if settlement is None:
         return log(channel, f"{call.uniqueid} database unavailable, settlement spooled")
     channel.set("ASTBILL_COST", fmt(settlement.cost, settings["decimals"]))
     channel.set("ASTBILL_BILLSEC", settlement.billsec)
+    return settlement
 
 
 def identify(channel, settings, target=None):
@@ -98,6 +104,9 @@ def identify(channel, settings, target=None):
         channel.get_full(wanted + ("|${%s}" % variable if variable else "")).split("|", 3) + [""] * 3)[:4]
     call.pre_read_at = time.monotonic()
     call.pre_up_ms = seconds_to_ms(up_secs) if state == "Up" else 0
+    if state == "Up" and not call.pre_up_ms:
+        log(channel, f"{call.uniqueid} answered before the Dial, but CDR(billsec,f) is"
+                     " unavailable: the time before the Dial will be billed")
 
     callerid = known(env.get("agi_callerid", ""))
     call.account = account_var if variable else (
@@ -144,10 +153,20 @@ def authorize(call, settings):
 
 def dial(channel, call, decision, settings):
     """Dial with the granted limit enforced by Asterisk; how the call ended."""
-    if channel.hungup:
-        return credit.Outcome("CANCEL", 0, int(time.time() - call.started))
-    dial_started = time.monotonic()
-    channel.exec("Dial", dial_args(call, decision, settings))
+    not_dialled = credit.Outcome("CANCEL", 0, int(time.time() - call.started))
+    dial_sent = False
+    try:
+        channel.set("ASTBILL_STATUS", OK)
+        channel.set("ASTBILL_MAXSECS", decision.max_secs)
+        if channel.hungup:
+            return not_dialled
+        dial_started = time.monotonic()
+        dial_sent = True
+        channel.exec("Dial", dial_args(call, decision, settings))
+    except Hangup as exc:
+        if dial_sent and exc.sent:
+            raise
+        return not_dialled  # the caller left before Dial was asked for
     # Dial's result is -1 after every answered call without the g option,
     # and after a caller hangup; DIALSTATUS says what happened.
     fields = channel.get_full("${DIALSTATUS}|${ANSWEREDTIME_MS}|${ANSWEREDTIME}|"

@@ -81,10 +81,11 @@ def reserve(store, call, rate, settings):
     places = settings["decimals"]
 
     def work(tx):
-        balance = tx.lock_balance(call.account)
-        if balance is None:
+        locked = tx.lock_account(call.account)
+        if locked is None:
             return Decision(NOACCOUNT)
-        available = balance - tx.reserved(call.account)
+        balance, reserved = locked
+        available = balance - reserved
         max_secs = rate.max_secs(available, settings["max_call_secs"], places)
         if max_secs <= 0:
             return Decision(NOFUNDS)
@@ -117,7 +118,10 @@ def settle(store, uniqueid, outcome, places, policy=None):
         if terms is None:
             raise UnknownCall(f"no call {uniqueid!r}")
         if terms["state"] != "active" or not tx.take_reservation(uniqueid):
-            return Settlement(terms["cost"], terms["billsec"], repeated=True)
+            # Settled already -- perhaps a moment ago, by a settlement we
+            # waited for: read what it charged as committed, not as first seen.
+            cost, billsec = tx.final_charge(uniqueid)
+            return Settlement(cost, billsec, repeated=True)
         rate = Rate(terms["tariff"], terms["prefix"], "", terms["rate"],
                     terms["connect_fee"], terms["min_secs"], terms["increment"])
         if policy == "charge":
@@ -126,7 +130,8 @@ def settle(store, uniqueid, outcome, places, policy=None):
             billsec, cost = 0, rate.cost(0, False, places)
         else:
             billsec, cost = charge_for(rate, outcome, terms["max_secs"], places)
-        complete(tx, uniqueid, terms["account"], outcome, billsec, cost, state, kind)
+        complete(tx, uniqueid, terms["account"], outcome, billsec, cost, state, kind,
+                 release=terms["max_cost"])
         return Settlement(cost, billsec)
 
     return store.atomic(work)
@@ -139,6 +144,11 @@ def bill_late(store, call, outcome, places):
     With no account or no rate the call cannot be charged: its CDR is
     marked 'unbilled' for the audit to report, never silently free.
     """
+    known = store.read(lambda tx: tx.call_terms(call.uniqueid))
+    if known is not None and known["state"] == "active":
+        # Authorized after all: its commit reached the database, the reply
+        # did not.  Settle it as any reserved call.
+        return settle(store, call.uniqueid, outcome, places)
     rate = find_rate(store, call)
     rated = isinstance(rate, Rate)
 
@@ -165,11 +175,12 @@ def charge_for(rate, outcome, max_secs, places):
     return billsec, rate.cost(billsec, outcome.answered, places)
 
 
-def complete(tx, uniqueid, account, outcome, billsec, cost, state, kind):
-    """Charge the account (with its ledger row) and complete the CDR."""
+def complete(tx, uniqueid, account, outcome, billsec, cost, state, kind, release=None):
+    """Charge the account (with its ledger row), release the call's
+    reservation from it, and complete the CDR."""
     now = timestamp(outcome.end)
-    if cost:
-        tx.change_balance(account, -cost, kind, uniqueid, now)
+    if cost or release:
+        tx.change_balance(account, -cost, kind, uniqueid, now, release)
     tx.close_cdr(uniqueid, {
         "answer": timestamp(outcome.end - billsec) if billsec else None,
         "end": now, "duration": outcome.duration, "billsec": billsec,

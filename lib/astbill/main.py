@@ -25,7 +25,7 @@ def main(argv, stdin=None, stdout=None):
         channel.read_env()
         config, target = parse_args(agi_args(channel.env) or argv)
         settings = load(config)
-        callflow.handle(channel, settings, target)
+        settled = callflow.handle(channel, settings, target)
     except ConfigError as exc:
         report(channel, f"{ERROR} {exc}")
         return 0
@@ -35,7 +35,8 @@ def main(argv, stdin=None, stdout=None):
     except Exception as exc:  # a bug must not leave the dialplan without a status
         report(channel, f"{ERROR} internal error: {type(exc).__name__}: {exc}")
         return 0
-    replay_spool(settings)
+    if settled is not None:
+        replay_spool(settings)
     return 0
 
 
@@ -65,15 +66,15 @@ def report(channel, message):
 
 
 def replay_spool(settings):
-    """After our own call is settled, retry settlements that earlier calls
-    could not write; the database is evidently back."""
+    """Our own call was just settled, so the database is there: retry the
+    settlements that earlier calls could not write."""
     if not spool.pending(settings["spool_dir"]):
         return
-    from .store import StoreError, open_store
+    from .store import open_store
     store = open_store(settings)
     try:
         spool.replay(store, settings["spool_dir"], settings["decimals"])
-    except StoreError:
+    except Exception:  # noqa: BLE001 -- the call is billed; the sweep will retry
         pass
     finally:
         store.close()

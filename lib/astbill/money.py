@@ -39,10 +39,10 @@ def D(value):
         raise MoneyError(f"not an exact amount: {value!r}")
     if not value.is_finite():
         raise MoneyError(f"not a finite amount: {value}")
-    if value != value.quantize(_STORAGE_QUANTUM, rounding=ROUND_CEILING):
-        raise MoneyError(f"more than {STORAGE_PLACES} decimals: {value:f}")
     if abs(value) >= _MAX_ABS:
         raise MoneyError(f"amount out of range: {value:f}")
+    if value != value.quantize(_STORAGE_QUANTUM, rounding=ROUND_CEILING):
+        raise MoneyError(f"more than {STORAGE_PLACES} decimals: {value:f}")
     return value
 
 
@@ -58,7 +58,10 @@ def round_up(amount, places):
 
 def to_millionths(amount):
     """Exact integer millionths of an amount (SQLite's storage form)."""
-    return int(amount.scaleb(STORAGE_PLACES))
+    units = amount.scaleb(STORAGE_PLACES)
+    if units != units.to_integral_value():
+        raise MoneyError(f"more than {STORAGE_PLACES} decimals: {amount:f}")
+    return int(units)
 
 
 def from_millionths(units):

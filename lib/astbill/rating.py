@@ -28,9 +28,8 @@ class Rate:
         self.increment = increment
 
     def billed_secs(self, billsec):
-        """Seconds charged for ``billsec`` seconds of talk (0 if unanswered)."""
-        if billsec <= 0:
-            return 0
+        """Seconds charged for an answered call with ``billsec`` seconds of
+        talk: the minimum for any call up to it, even one under a second."""
         if billsec <= self.min_secs:
             return self.min_secs
         blocks = -(-(billsec - self.min_secs) // self.increment)

@@ -36,12 +36,12 @@ def write(spool_dir, uniqueid, outcome, late_call=None):
 
 
 def pending(spool_dir):
-    """Paths of the spooled settlements, oldest first."""
+    """Paths of the spooled settlements, in uniqueid order."""
     try:
-        entries = [e for e in os.scandir(spool_dir) if e.name.endswith(SUFFIX)]
+        names = sorted(n for n in os.listdir(spool_dir) if n.endswith(SUFFIX))
     except OSError:
         return []
-    return [e.path for e in sorted(entries, key=lambda e: e.stat().st_mtime)]
+    return [os.path.join(spool_dir, n) for n in names]
 
 
 def read(path):
@@ -55,30 +55,54 @@ def read(path):
 
 
 def replay(store, spool_dir, places):
-    """Settle every spooled call; returns (settled, failed) counts.
+    """Settle every spooled call; returns (settled, set aside) counts.
 
-    Stops at the first database error: the rest wait for the next replay.
+    One replayer at a time (a lock file in the spool); any other returns at
+    once.  A record that cannot be read, or names no known call, is renamed
+    to *.bad for the operator and not tried again.  A database error stops
+    the replay: the rest wait for the next one.
     """
+    import fcntl
     from .callflow import Call
     from .credit import UnknownCall, bill_late, settle
     from .store import StoreError
-    done = failed = 0
-    for path in pending(spool_dir):
+    done = set_aside = 0
+    try:
+        lock = open(os.path.join(spool_dir, ".replay.lock"), "a")
+    except OSError:
+        return done, set_aside
+    with lock:
         try:
-            uniqueid, outcome, late = read(path)
-        except (OSError, ValueError, KeyError, TypeError):
-            failed += 1
-            continue
-        try:
-            if late:
-                bill_late(store, Call.from_record(late), outcome, places)
-            else:
-                settle(store, uniqueid, outcome, places)
-        except StoreError:
-            break
-        except UnknownCall:
-            failed += 1
-            continue
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return done, set_aside
+        for path in pending(spool_dir):
+            try:
+                uniqueid, outcome, late = read(path)
+                if late:
+                    bill_late(store, Call.from_record(late), outcome, places)
+                else:
+                    settle(store, uniqueid, outcome, places)
+            except StoreError:
+                break
+            except (OSError, ValueError, KeyError, TypeError, UnknownCall):
+                _set_aside(path)
+                set_aside += 1
+                continue
+            _remove(path)
+            done += 1
+    return done, set_aside
+
+
+def _remove(path):
+    try:
         os.unlink(path)
-        done += 1
-    return done, failed
+    except FileNotFoundError:
+        pass
+
+
+def _set_aside(path):
+    try:
+        os.replace(path, path + ".bad")
+    except OSError:
+        pass

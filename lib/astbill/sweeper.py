@@ -60,6 +60,9 @@ def audit(store, settings, now=None):
     for account, balance, ledger in store.read(lambda tx: tx.ledger_mismatches()):
         problems.append(f"account {account}: balance {fmt(balance, places)}"
                         f" but its ledger sums to {fmt(ledger, places)}")
+    for account, reserved, held in store.read(lambda tx: tx.reserved_mismatches()):
+        problems.append(f"account {account}: reserved {fmt(reserved, places)}"
+                        f" but its calls in progress hold {fmt(held, places)}")
     for account, balance in store.read(lambda tx: tx.negative_balances()):
         problems.append(f"account {account}: balance {fmt(balance, places)} is below zero")
     for uniqueid, cost, charged in store.read(lambda tx: tx.unledgered_charges()):

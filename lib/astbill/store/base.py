@@ -5,9 +5,13 @@ placeholder, its row-lock clause, how it stores money and which driver
 errors mean "retry", "lock wait timed out" or "unavailable".  Everything
 else -- and every piece of SQL -- lives here.
 """
+import os
 import time
 
 from ..money import D
+
+SQL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))), "sql")
 
 MAX_ATTEMPTS = 5
 
@@ -56,12 +60,12 @@ class Store:
     def money_out(self, value):
         return D(value)
 
-    schema_file = None
+    schema_name = None
     schema_prelude = ()
 
     def init_schema(self):
         """Create every table and index that is missing."""
-        with open(self.schema_file, encoding="utf-8") as f:
+        with open(os.path.join(SQL_DIR, self.schema_name), encoding="utf-8") as f:
             text = "\n".join(line for line in f if not line.lstrip().startswith("--"))
         statements = [*self.schema_prelude, *(s.strip() for s in text.split(";"))]
         try:
@@ -192,21 +196,26 @@ class Tx:
         m = self.store.money_out
         return row[0], (row[1], row[2], m(row[3]), m(row[4]), row[5], row[6])
 
-    def lock_balance(self, account):
-        row = self.one("SELECT balance FROM astaccount WHERE account = ? {lock}", (account,))
+    def lock_account(self, account):
+        """(balance, reserved) of the account, locked until the end of the
+        transaction; None if there is no such account."""
+        row = self.one("SELECT balance, reserved FROM astaccount WHERE account = ? {lock}",
+                       (account,))
         # SQLite takes its lock at BEGIN IMMEDIATE, MySQL here: count both.
         self.store.lock_waited = time.monotonic() - self.store.began
-        return None if row is None else self.store.money_out(row[0])
-
-    def reserved(self, account):
-        row = self.one("SELECT COALESCE(SUM(max_cost), 0) FROM astcreditres"
-                       " WHERE account = ?", (account,))
-        return self.store.money_out(row[0])
+        if row is None:
+            return None
+        return self.store.money_out(row[0]), self.store.money_out(row[1])
 
     def add_reservation(self, uniqueid, account, max_cost, max_secs, now):
+        """The reservation row, and its amount added to the account's
+        ``reserved``: a write to the account row, which is what makes a
+        Galera cluster certify concurrent authorizations against each other
+        (row locks taken by SELECT ... FOR UPDATE stay on one node)."""
+        m = self.store.money_in(max_cost)
         self.run("INSERT INTO astcreditres (uniqueid, account, max_cost, max_secs, created)"
-                 " VALUES (?, ?, ?, ?, ?)",
-                 (uniqueid, account, self.store.money_in(max_cost), max_secs, now))
+                 " VALUES (?, ?, ?, ?, ?)", (uniqueid, account, m, max_secs, now))
+        self.run("UPDATE astaccount SET reserved = reserved + ? WHERE account = ?", (m, account))
 
     def open_cdr(self, cdr):
         cdr = dict(cdr, rate=self.store.money_in(cdr["rate"]),
@@ -231,19 +240,28 @@ class Tx:
                 "cost": None if row[9] is None else m(row[9]), "billsec": row[10],
                 "max_cost": None if row[11] is None else m(row[11])}
 
+    def final_charge(self, uniqueid):
+        """(cost, billsec) of a settled call, read with a lock so that it is
+        the latest committed value (REPEATABLE READ would show the snapshot)."""
+        row = self.one("SELECT cost, billsec FROM astcdr WHERE uniqueid = ? {lock}", (uniqueid,))
+        return self.store.money_out(row[0] if row[0] is not None else 0), row[1]
+
     def take_reservation(self, uniqueid):
         """Delete the call's reservation; False if another settlement did."""
         return self.run("DELETE FROM astcreditres WHERE uniqueid = ?", (uniqueid,)).rowcount == 1
 
-    def change_balance(self, account, amount, kind, uniqueid, now):
-        """Add ``amount`` (negative for a charge) and its ledger row."""
+    def change_balance(self, account, amount, kind, uniqueid, now, release=None):
+        """Add ``amount`` (negative for a charge) with its ledger row, and
+        drop ``release`` (a settled call's reservation) from ``reserved``."""
         m = self.store.money_in(amount)
-        changed = self.run("UPDATE astaccount SET balance = balance + ? WHERE account = ?",
-                           (m, account)).rowcount
+        changed = self.run("UPDATE astaccount SET balance = balance + ?, reserved = reserved - ?"
+                           " WHERE account = ?",
+                           (m, self.store.money_in(release or D(0)), account)).rowcount
         if changed != 1:
             raise NotFound(f"no account {account}")
-        self.run("INSERT INTO astledger (account, amount, kind, uniqueid, created)"
-                 " VALUES (?, ?, ?, ?, ?)", (account, m, kind, uniqueid, now))
+        if amount:
+            self.run("INSERT INTO astledger (account, amount, kind, uniqueid, created)"
+                     " VALUES (?, ?, ?, ?, ?)", (account, m, kind, uniqueid, now))
 
     def close_cdr(self, uniqueid, fields):
         fields = dict(fields, cost=self.store.money_in(fields["cost"]))
@@ -261,9 +279,9 @@ class Tx:
         """[(account, tariff, balance, reserved, live calls)], one or all."""
         where = " WHERE a.account = ?" if account is not None else ""
         rows = self.all(
-            "SELECT a.account, a.tariff, a.balance, COALESCE(SUM(r.max_cost), 0), COUNT(r.uniqueid)"
+            "SELECT a.account, a.tariff, a.balance, a.reserved, COUNT(r.uniqueid)"
             " FROM astaccount a LEFT JOIN astcreditres r ON r.account = a.account"
-            f"{where} GROUP BY a.account, a.tariff, a.balance ORDER BY a.account",
+            f"{where} GROUP BY a.account, a.tariff, a.balance, a.reserved ORDER BY a.account",
             () if account is None else (account,))
         m = self.store.money_out
         return [(r[0], r[1], m(r[2]), m(r[3]), r[4]) for r in rows]
@@ -327,6 +345,15 @@ class Tx:
             "SELECT a.account, a.balance, COALESCE(SUM(l.amount), 0) FROM astaccount a"
             " LEFT JOIN astledger l ON l.account = a.account GROUP BY a.account, a.balance"
             " HAVING a.balance <> COALESCE(SUM(l.amount), 0)")
+        return [(r[0], m(r[1]), m(r[2])) for r in rows]
+
+    def reserved_mismatches(self):
+        """Accounts whose ``reserved`` is not the sum of their reservations."""
+        m = self.store.money_out
+        rows = self.all(
+            "SELECT a.account, a.reserved, COALESCE(SUM(r.max_cost), 0) FROM astaccount a"
+            " LEFT JOIN astcreditres r ON r.account = a.account GROUP BY a.account, a.reserved"
+            " HAVING a.reserved <> COALESCE(SUM(r.max_cost), 0)")
         return [(r[0], m(r[1]), m(r[2])) for r in rows]
 
     def negative_balances(self):

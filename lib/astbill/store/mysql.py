@@ -91,14 +91,12 @@ class CConnection:
         raise TypeError(f"no SQL literal for {type(value).__name__}")
 
 
-SCHEMA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))), "sql", "mysql.sql")
-
 # 1213: deadlock, and what Galera reports on a certification failure;
 # 1205: lock wait timeout; 1062: duplicate key.
 _RETRY = {1213}
 _TIMEOUT = {1205}
 _INTEGRITY = {1062}
+FOUND_ROWS = 2  # CLIENT_FOUND_ROWS, the same in every MySQL client library
 
 
 def connect_args(url, password_env=""):
@@ -143,7 +141,7 @@ class MySQLStore(Store):
     placeholder = "%s"
     lock_clause = " FOR UPDATE"
     begin_sql = "START TRANSACTION"
-    schema_file = SCHEMA
+    schema_name = "mysql.sql"
 
     def __init__(self, settings):
         super().__init__(settings)
@@ -162,6 +160,8 @@ class MySQLStore(Store):
             # A server that stops answering must not hold the call: past any
             # lock wait, a silent read is an outage.
             read_timeout=timeout + 5, write_timeout=timeout + 5,
+            # rowcount = rows matched, not rows changed: adding 0 is no "missing row".
+            client_flag=FOUND_ROWS,
             init_command=f"SET SESSION innodb_lock_wait_timeout = {timeout}, autocommit = 1")
 
     def _classify(self, exc):

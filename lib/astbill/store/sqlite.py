@@ -10,9 +10,6 @@ import sqlite3
 from ..money import from_millionths, to_millionths
 from .base import Store
 
-SCHEMA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))), "sql", "sqlite.sql")
-
 
 def sqlite_path(url, config_dir=""):
     path = url[len("sqlite://"):]
@@ -21,7 +18,7 @@ def sqlite_path(url, config_dir=""):
 
 class SQLiteStore(Store):
     begin_sql = "BEGIN IMMEDIATE"
-    schema_file = SCHEMA
+    schema_name = "sqlite.sql"
     schema_prelude = ("PRAGMA journal_mode=WAL",)
     driver_errors = (sqlite3.Error,)
 
