@@ -100,13 +100,10 @@ def peak_rss_kb(pid):
     return 0
 
 
-def floor_ms(runs):
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        subprocess.run([PY, "-c", "pass"], check=True)
-        times.append(time.perf_counter() - t)
-    return times
+def floor_once():
+    t = time.perf_counter()
+    subprocess.run([PY, "-c", "pass"], check=True)
+    return time.perf_counter() - t
 
 
 def floor_rss_kb():
@@ -202,11 +199,16 @@ def questions(config):
 # -- the runs ----------------------------------------------------------------
 
 def latency(env, account, number, runs):
-    samples = [one_call(env, account, number) for _ in range(runs)]
+    """(call samples, floor samples), taken in turn so that the machine's
+    noise weighs on both alike."""
+    samples, floors = [], []
+    for _ in range(runs):
+        floors.append(floor_once())
+        samples.append(one_call(env, account, number))
     bad = [s.status for s in samples if s.status != "OK"]
     if bad:
         raise SystemExit(f"bench: calls refused: {bad[:3]}")
-    return samples
+    return samples, floors
 
 
 def burst(env, config, n, shared, timings):
@@ -262,11 +264,10 @@ def main():
 def report(workdir, backends, args):
     env = {k: v for k, v in os.environ.items() if k != "ASTBILL_TIMINGS"}
     print(f"machine: {os.uname().machine}, {os.cpu_count()} cores, Python {sys.version.split()[0]},"
-          f" {args.runs} calls per cell; times in ms (median / p95)\n")
-    floor = floor_ms(args.runs)
+          f" {args.runs} calls per cell; times in ms (median / p95)")
+    print("floor: `python -c pass`, run before each call of the cell, in turn with it\n")
     floor_rss = floor_rss_kb()
-    print(f"{'':44}{'median':>8}{'p95':>8}{'x floor':>9}")
-    print(f"{'floor: python -c pass':44}{med(floor):8.1f}{p95(floor):8.1f}{1.0:9.2f}")
+    print(f"{'':44}{'median':>8}{'p95':>8}{'floor':>8}{'x floor':>9}")
     rss = {}
     for label, database in backends:
         config = prepare(workdir, database, label.lower())
@@ -278,7 +279,7 @@ def report(workdir, backends, args):
             for tariff, number in (("small", "4912345678"), ("big", "4912345678")):
                 if label == "MariaDB" and cdr_label == "0" and tariff == "small":
                     before = questions(config)
-                samples = latency(env, tariff, number, args.runs)
+                samples, floor = latency(env, tariff, number, args.runs)
                 if label == "MariaDB" and cdr_label == "0" and tariff == "small":
                     after = questions(config)
                     per_call = ((after[0] - before[0] - 1) / args.runs, (after[1] - before[1] - 1) / args.runs)
@@ -286,7 +287,8 @@ def report(workdir, backends, args):
                 auth = [s.authorize for s in samples]
                 cells[(prefixes, cdr_label)] = med(auth)
                 name = f"{label} authorize, {prefixes} prefixes, {cdr_label} CDRs"
-                print(f"{name:44}{med(auth):8.1f}{p95(auth):8.1f}{med(auth) / med(floor):9.2f}")
+                print(f"{name:44}{med(auth):8.1f}{p95(auth):8.1f}{med(floor):8.1f}"
+                      f"{med(auth) / med(floor):9.2f}")
                 settle = [s.settle for s in samples]
                 name = f"{label} settle"
                 print(f"{name:44}{med(settle):8.1f}{p95(settle):8.1f}")

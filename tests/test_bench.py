@@ -11,6 +11,6 @@ def test_the_benchmark_runs_end_to_end():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "floor: python -c pass" in out and "SQLite authorize, 100,000 prefixes, 100 CDRs" in out
+    assert "floor: `python -c pass`" in out and "SQLite authorize, 100,000 prefixes, 100 CDRs" in out
     assert "after the bursts: audit: ok" in out
     assert "refused 0" in out
