@@ -340,20 +340,21 @@ class Tx:
                         " AND lastapp = 'Dial' ORDER BY billsec DESC LIMIT 1", (uniqueid,))
 
     def ledger_mismatches(self):
-        m = self.store.money_out
-        rows = self.all(
-            "SELECT a.account, a.balance, COALESCE(SUM(l.amount), 0) FROM astaccount a"
-            " LEFT JOIN astledger l ON l.account = a.account GROUP BY a.account, a.balance"
-            " HAVING a.balance <> COALESCE(SUM(l.amount), 0)")
-        return [(r[0], m(r[1]), m(r[2])) for r in rows]
+        """Accounts whose balance is not the sum of their ledger."""
+        return self._sum_mismatches("balance", "astledger", "amount")
 
     def reserved_mismatches(self):
         """Accounts whose ``reserved`` is not the sum of their reservations."""
-        m = self.store.money_out
+        return self._sum_mismatches("reserved", "astcreditres", "max_cost")
+
+    def _sum_mismatches(self, column, table, amount):
+        """[(account, its ``column``, the sum of ``table.amount``)] where they differ."""
+        total = f"COALESCE(SUM(t.{amount}), 0)"
         rows = self.all(
-            "SELECT a.account, a.reserved, COALESCE(SUM(r.max_cost), 0) FROM astaccount a"
-            " LEFT JOIN astcreditres r ON r.account = a.account GROUP BY a.account, a.reserved"
-            " HAVING a.reserved <> COALESCE(SUM(r.max_cost), 0)")
+            f"SELECT a.account, a.{column}, {total} FROM astaccount a"
+            f" LEFT JOIN {table} t ON t.account = a.account GROUP BY a.account, a.{column}"
+            f" HAVING a.{column} <> {total}")
+        m = self.store.money_out
         return [(r[0], m(r[1]), m(r[2])) for r in rows]
 
     def negative_balances(self):
