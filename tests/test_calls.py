@@ -160,3 +160,15 @@ def test_agi_arguments_name_the_config_and_the_number(tariff):
                       Scenario(answered_ms=10_500), block, env)
     assert result.dial_args.startswith("PJSIP/4915123456@trunk,"), result.dialogue_text()
     assert result.variables_set["ASTBILL_COST"] == "0.0200"
+
+
+@pytest.mark.parametrize("source, scenario_vars, env, account", [
+    ("callerid", {}, {"account": "", "agi_callerid": "1001"}, "1001"),
+    ("variable:PREPAID_ACCOUNT", {"PREPAID_ACCOUNT": "1001"}, {"account": "9999"}, "1001"),
+])
+def test_the_paying_account_can_come_from_caller_id_or_a_variable(tariff, source, scenario_vars, env, account):
+    tariff.write_config(account_source=source)
+    result = place_call(tariff, Scenario(answered_ms=61_000, variables=scenario_vars), **env)
+    assert result.variables_set["ASTBILL_STATUS"] == "OK", result.dialogue_text()
+    assert tariff.cdr(result.uniqueid)["account"] == account
+    assert tariff.balance(account) == Decimal("9.88")
