@@ -75,12 +75,10 @@ def parser():
     c = command("topup", topup, "add credit to an account")
     c.add_argument("account")
     c.add_argument("amount")
-    c = command("rate", rate_import, "import a tariff's rates from CSV (replaces the tariff)",
-                json_out=False)
+    c = command("rate", rate_import, "import a tariff's rates from CSV (replaces the tariff)")
     c.add_argument("action", choices=["import"])
     c.add_argument("file")
     c.add_argument("--tariff", required=True)
-    c.add_argument("--json", action="store_true")
     command("calls", calls, "calls in progress (open reservations)")
     c = command("cdr", cdr, "call detail records")
     c.add_argument("--account")
