@@ -46,8 +46,9 @@ def handle(channel, settings, target=None):
     """Bill one call on ``channel`` to ``target`` (default: the extension).
 
     The dialplan learns the outcome from ASTBILL_STATUS, and Asterisk's log
-    gets one line.  Returns the Settlement when the call was settled now.  Nothing the database does escapes; a closed AGI pipe
-    (Hangup) or nonsense from Asterisk (AGIError) does, for main to report.
+    gets one line.  Returns the Settlement when the call was settled now.
+    Nothing the database does escapes; a closed AGI pipe (Hangup) or
+    nonsense from Asterisk (AGIError) does, for main to report.
     """
     try:
         call = identify(channel, settings, target)
@@ -174,8 +175,10 @@ def dial(channel, call, decision, settings):
     fields += [""] * (5 - len(fields))
     dialstatus, answered_ms, answered_s, billsec_f, peer = fields
     up_ms = first_time_ms(answered_ms, answered_s, billsec_f)
-    if dialstatus == "" and up_ms:
-        dialstatus = "ANSWER"  # never let a missing status make a talked call free
+    if dialstatus == "" and (answered_ms or answered_s):
+        # Dial sets these only for an answered call: never let a missing
+        # status make a talked call free.
+        dialstatus = "ANSWER"
     # ANSWEREDTIME counts from the caller's answer: a caller answered before
     # the Dial (IVR, PIN prompt) must not pay for that time.
     pre_up = 0
