@@ -161,3 +161,15 @@ def test_a_spool_record_that_cannot_be_replayed_is_set_aside(tariff):
     assert json.loads(proc.stdout)["set_aside"] == 2, proc.stderr
     assert sorted(p.name for p in tariff.spool.glob("*.bad")) == ["1.1.settle.bad", "1.2.settle.bad"]
     assert json.loads(tariff.admin_process("sweep", "--json").stdout)["set_aside"] == 0
+
+
+@pytest.mark.parametrize("after_dial, cost", [
+    (b"200 result=1 (|61000|61|61.000000|SIP/t-1)\n", "0.1200"),  # Dial's answered time: billed
+    (b"200 result=1 (||||)\n", "0.0000"),                         # nothing at all: not answered
+    (b"200 result=1 (||| 7.500000|)\n", "0.0000"),                # only the channel's CDR time
+], ids=["answered-time", "nothing", "cdr-only"])
+def test_a_missing_dialstatus_is_answered_only_by_dials_own_time(tariff, after_dial, cost):
+    replies = CALL_REPLIES[:4] + [after_dial] + CALL_REPLIES[5:]
+    status, lines = run_in_process(tariff, env_bytes() + b"".join(replies))
+    assert status == 0
+    assert lines[-2] == f'SET VARIABLE ASTBILL_COST "{cost}"'.encode()
