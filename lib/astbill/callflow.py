@@ -31,15 +31,9 @@ class Call:
                  "pre_read_at", "max_secs")
 
     def record(self):
+        """What billing the call later needs (credit.bill_late), as plain data."""
         return {"uniqueid": self.uniqueid, "account": self.account, "number": self.number,
                 "cdr": self.cdr, "started": self.started, "max_secs": self.max_secs}
-
-    @classmethod
-    def from_record(cls, record):
-        call = cls()
-        for key, value in record.items():
-            setattr(call, key, value)
-        return call
 
 
 def handle(channel, settings, target=None):

@@ -63,7 +63,7 @@ def replay(store, spool_dir, places):
     the replay: the rest wait for the next one.
     """
     import fcntl
-    from .callflow import Call
+    from types import SimpleNamespace
     from .credit import UnknownCall, bill_late, settle
     from .store import StoreError
     done = set_aside = 0
@@ -80,7 +80,7 @@ def replay(store, spool_dir, places):
             try:
                 uniqueid, outcome, late = read(path)
                 if late:
-                    bill_late(store, Call.from_record(late), outcome, places)
+                    bill_late(store, SimpleNamespace(**late), outcome, places)
                 else:
                     settle(store, uniqueid, outcome, places)
             except StoreError:
