@@ -49,8 +49,8 @@ def parser():
     p.add_argument("-c", "--config", help="config file (default: $ASTBILL_CONFIG or conf/astbill.yaml)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name, run, help, json_out=True):
-        c = sub.add_parser(name, help=help)
+    def command(name, run, help, json_out=True, under=sub):
+        c = under.add_parser(name, help=help)
         c.set_defaults(run=run)
         if json_out:
             c.add_argument("--json", action="store_true", help="print JSON")
@@ -59,19 +59,13 @@ def parser():
     command("init-db", init_db, "create the schema (safe to run twice)", json_out=False)
     account = sub.add_parser("account", help="add, show or list accounts")
     acc = account.add_subparsers(dest="action", required=True, metavar="ACTION")
-    c = acc.add_parser("add", help="add an account with an opening balance")
-    c.set_defaults(run=account_add)
+    c = command("add", account_add, "add an account with an opening balance", under=acc)
     c.add_argument("account")
     c.add_argument("--balance", required=True)
     c.add_argument("--tariff", default="default")
-    c.add_argument("--json", action="store_true")
-    c = acc.add_parser("show", help="balance, reserved and available")
-    c.set_defaults(run=account_show)
+    c = command("show", account_show, "balance, reserved and available", under=acc)
     c.add_argument("account")
-    c.add_argument("--json", action="store_true")
-    c = acc.add_parser("list", help="every account")
-    c.set_defaults(run=account_list)
-    c.add_argument("--json", action="store_true")
+    command("list", account_list, "every account", under=acc)
     c = command("topup", topup, "add credit to an account")
     c.add_argument("account")
     c.add_argument("amount")
