@@ -132,7 +132,7 @@ def prepare(workdir, database, label):
     config.chmod(0o600)
     settings = dict(load(str(config)), create_database=True)
     store = open_store(settings)
-    store.init_schema()
+    store.migrate()
     store.close()
     admin(config, "rate", "import", str(rates_csv(workdir, 100)), "--tariff", "small")
     admin(config, "rate", "import", str(rates_csv(workdir, 100_000)), "--tariff", "big")

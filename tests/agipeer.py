@@ -130,6 +130,10 @@ class Scenario:
     # Extensions to the requested API (defaults change nothing):
     ring_ms: int = 0  # callee rang this long before answering, or until CANCEL
     cdr_skew_us: int = 0  # CDR(billsec,f) minus the talk time; see _Channel.cdr_billsec_us
+    # The model timeline also advances with real time between commands, as
+    # Asterisk's clock does while the script works (e.g. authorizes).
+    real_clock: bool = False
+    set_variable_delay: float = 0.0  # real seconds each SET VARIABLE takes to answer
 
     def __post_init__(self):
         if self.dialstatus not in DIAL_STATUSES:
@@ -599,6 +603,7 @@ class CallHandle:
         for line in env_lines:
             self._dialogue.append(("AST", line))
         self._write("".join(line + "\n" for line in env_lines))
+        self._clock = time.monotonic()
         while not self._pipes_closed:
             raw = self._proc.stdout.readline()
             if not raw:
@@ -621,6 +626,10 @@ class CallHandle:
         self._write(line + "\n")
 
     def _handle(self, line: str):
+        if self.scenario.real_clock:
+            now = time.monotonic()
+            self._channel.now_ms += int((now - self._clock) * 1000)
+            self._clock = now
         argv = parse_args(line)
         words = tuple(word.upper() for word in argv)
         for size in (3, 2, 1):
@@ -736,6 +745,8 @@ class CallHandle:
             return REPLY_USAGE
         self._channel.set(argv[2], argv[3])
         self._variables_set[argv[2]] = argv[3]
+        if self.scenario.set_variable_delay:
+            time.sleep(self.scenario.set_variable_delay)
         return "200 result=1"
 
     def _cmd_verbose(self, argv):

@@ -50,9 +50,10 @@ class Billing:
         self.path = path
         self.config = path / "astbill.yaml"
         self.spool = path / "spool"
-        self.spool.mkdir()
+        self.fallback_spool = path / "spool-fallback"
         self.settings = dict({"database": database, "dial": "PJSIP/{number}@trunk",
-                              "spool_dir": str(self.spool)}, **settings)
+                              "spool_dir": str(self.spool),
+                              "spool_fallback_dir": str(self.fallback_spool)}, **settings)
         self.write_config()
 
     def write_config(self, **changes):
@@ -80,8 +81,8 @@ class Billing:
         assert status == 0, f"astbill-admin {' '.join(argv)} failed: {err}"
         return out
 
-    def admin_process(self, *argv, **kw):
-        return subprocess.run([sys.executable, ADMIN, *argv], env=self.env, text=True,
+    def admin_process(self, *argv, env=None, **kw):
+        return subprocess.run([sys.executable, ADMIN, *argv], env=env or self.env, text=True,
                               capture_output=True, timeout=60, **kw)
 
     def store(self):
@@ -112,6 +113,30 @@ class Billing:
         finally:
             store.close()
         return rows[0] if rows else None
+
+    def backdate(self, seconds, uniqueid=None):
+        """Make reservations look ``seconds`` older on the database's clock."""
+        from astbill.ledger import timestamp
+        from astbill.recovery import epoch
+        store = self.store()
+        try:
+            for res in store.read(lambda tx: tx.reservations()):
+                if uniqueid in (None, res["uniqueid"]):
+                    older = timestamp(epoch(res["created"]) - seconds)
+                    store.atomic(lambda tx: tx.run(
+                        "UPDATE astcreditres SET created = ? WHERE uniqueid = ?",
+                        (older, res["uniqueid"])))
+        finally:
+            store.close()
+
+    def sweep(self):
+        """What ``astbill-admin sweep`` does, in-process: the sweep's list."""
+        from astbill import recovery
+        store = self.store()
+        try:
+            return recovery.recover(load(str(self.config)), store)[1]
+        finally:
+            store.close()
 
     def setup_rates(self, csv_text, tariff="default"):
         path = self.path / f"{tariff}.csv"

@@ -3,7 +3,7 @@ import json
 
 
 def test_init_db_is_safe_twice(billing):
-    assert billing.admin("init-db") == (0, "schema ready\n", "")
+    assert billing.admin("init-db") == (0, "schema ready (version 2)\n", "")
 
 
 def test_account_add_show_list_and_topup(billing):
@@ -84,7 +84,8 @@ def test_config_errors_are_one_line(billing):
     assert status == 1 and err.count("\n") == 1 and "not valid YAML" in err
     billing.config.write_text("database: postgres://x\ndial: 'SIP/{number}'\n")
     assert billing.admin("account", "list")[2] == (
-        f"astbill-admin: {billing.config}: database must be a sqlite:// or mysql:// URL\n")
+        f"astbill-admin: {billing.config}: database must be a sqlite:// or mysql:// URL,"
+        " or a list of mysql:// URLs (a cluster's nodes)\n")
     billing.config.write_text("database: sqlite:///x.db\ndial: 'SIP/{number}'\nmax_call_secs: '60'\n")
     assert billing.admin("account", "list")[2] == (
         f"astbill-admin: {billing.config}: max_call_secs must be int, not str\n")

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from astbill.config import ConfigError, check
+from astbill.ledger import CallRecord
 from astbill.main import main
-from astbill.rates_csv import RatesError, parse_rates
-from astbill.rating import MAX_DIGITS
+from astbill.rating import MAX_DIGITS, RatesError, parse_rates
 
 ENV_ORDER = ["agi_request", "agi_channel", "agi_language", "agi_type", "agi_uniqueid",
              "agi_version", "agi_callerid", "agi_calleridname", "agi_callingpres",
@@ -153,14 +153,33 @@ def test_a_pipe_closed_before_the_dial_releases_the_reservation(tariff):
 
 
 def test_a_spool_record_that_cannot_be_replayed_is_set_aside(tariff):
-    (tariff.spool / "1.1.settle").write_text("{not json")
-    (tariff.spool / "1.2.settle").write_text(
-        '{"uniqueid": "1.2", "dialstatus": "ANSWER", "talk_ms": 5000, "duration": 5,'
-        ' "dstchannel": "", "end": 1, "late": null}')
+    record = {name: kind() for name, kind in CallRecord.FIELDS.items()}
+    record.update(uniqueid="1.2", account="1001", dialstatus="ANSWER", talk_ms=5000, ended=1)
+    tariff.spool.mkdir(exist_ok=True)
+    (tariff.spool / "1.1.call").write_text("{not json")
+    (tariff.spool / "1.2.call").write_text(json.dumps(record))   # no such call
     proc = tariff.admin_process("sweep", "--json")
     assert json.loads(proc.stdout)["set_aside"] == 2, proc.stderr
-    assert sorted(p.name for p in tariff.spool.glob("*.bad")) == ["1.1.settle.bad", "1.2.settle.bad"]
+    assert sorted(p.name for p in tariff.spool.glob("*.bad")) == ["1.1.call.bad", "1.2.call.bad"]
     assert json.loads(tariff.admin_process("sweep", "--json").stdout)["set_aside"] == 0
+    status, out, _ = tariff.admin("audit")
+    assert status == 1
+    assert f"call 1.2: spooled record set aside as unusable: {tariff.spool}/1.2.call.bad" \
+           " (no call '1.2')" in out
+
+
+@pytest.mark.parametrize("change", [
+    {"talk_ms": 5000.0}, {"talk_ms": True}, {"talk_ms": -1}, {"talk_ms": "5000"},
+    {"account": ""}, {"uniqueid": "1.3; DROP TABLE astcdr"}, {"cost": "1.00"}, {"late": 1},
+    {"dial": "x" * 5000},
+], ids=lambda c: next(iter(c)) + "=" + repr(next(iter(c.values())))[:12])
+def test_a_spool_record_is_checked_like_any_input(change):
+    record = {name: kind() for name, kind in CallRecord.FIELDS.items()}
+    record.update(uniqueid="1.3", account="1001", dialstatus="ANSWER", talk_ms=5000, ended=1)
+    assert CallRecord.from_dict(dict(record)).talk_ms == 5000
+    record.update(change)
+    with pytest.raises(ValueError):
+        CallRecord.from_dict(record)
 
 
 @pytest.mark.parametrize("after_dial, cost", [

@@ -8,7 +8,7 @@ from decimal import Decimal
 import pytest
 
 from agipeer import Scenario, agi_env, run_call
-from astbill import credit
+from astbill import ledger
 from astbill.config import load
 from astbill.store import open_store
 from conftest import ASTBILL, place_call, start_held_call
@@ -78,6 +78,38 @@ def test_a_pre_answered_caller_does_not_pay_for_the_time_before_the_dial(tariff)
     assert_billed(tariff, result, 3, "0.0060", "9.994")
 
 
+def test_the_talk_time_comes_from_dials_milliseconds(tariff):
+    # The caller was up 5.299 s before the Dial and talked 61.7 s: Dial says
+    # ANSWEREDTIME_MS 66999 but ANSWEREDTIME 66, which would bill only 60 s.
+    result = place_call(tariff, Scenario(answered_ms=61_700, pre_answered_ms=5_299),
+                        number="4915123456")
+    assert_billed(tariff, result, 61, "0.1220", "9.878")
+
+
+def test_a_pre_answered_caller_does_not_pay_for_the_authorization_either(tariff):
+    # 1.5 s pass between reading the caller's channel and the Dial, while the
+    # caller's answered time keeps counting: 59.6 s of talk is one minute.
+    scenario = Scenario(answered_ms=59_600, pre_answered_ms=5_000, real_clock=True,
+                        set_variable_delay=0.75)
+    result = place_call(tariff, scenario)
+    assert_billed(tariff, result, 59, "0.0600", "9.94")
+
+
+def test_costs_are_charged_and_reported_to_the_configured_places(tariff):
+    tariff.write_config(decimals=2)
+    # 31.2 s to Berlin: 36 s at 0.03 + 0.01 is 0.028, rounded up to 0.03.
+    result = place_call(tariff, Scenario(answered_ms=31_200), number="4930123456")
+    assert_billed(tariff, result, 31, "0.03", "9.97")
+    assert '"cost": "0.03"' in tariff.admin_ok("cdr", "--json")
+    assert '"balance": "9.97"' in tariff.admin_ok("account", "show", "1001", "--json")
+
+
+def test_the_limit_warning_is_given_in_milliseconds(tariff):
+    tariff.write_config(warning_secs=30)
+    result = place_call(tariff, Scenario(answered_ms=1000))
+    assert result.dial_args == "PJSIP/4912345678@trunk,60,L(3600000:30000)"
+
+
 @pytest.mark.parametrize("setup, env, status", [
     ("poor", {}, "NOFUNDS"),
     (None, {"number": "7123456"}, "NORATE"),
@@ -129,10 +161,11 @@ def test_settling_twice_changes_nothing(tariff):
     result = place_call(tariff, Scenario(answered_ms=61_000))
     store = open_store(load(str(tariff.config)))
     try:
-        again = credit.settle(store, result.uniqueid, credit.Outcome("ANSWER", 600_000, 600), 4)
+        call = ledger.CallRecord(uniqueid=result.uniqueid, dialstatus="ANSWER", talk_ms=600_000)
+        again = ledger.settle_call(store, call, 4)
     finally:
         store.close()
-    assert again.repeated and again.cost == Decimal("0.12") and again.billsec == 61
+    assert (again.how, again.cost, again.billsec) == ("repeated", Decimal("0.12"), 61)
     assert tariff.balance("1001") == Decimal("9.88")
     assert tariff.query("SELECT COUNT(*) FROM astledger WHERE kind = 'call'") == [(1,)]
 

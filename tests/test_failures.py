@@ -10,7 +10,6 @@ from decimal import Decimal
 import pytest
 
 from agipeer import Scenario
-from astbill import sweeper
 from astbill.config import load
 from conftest import AccountLock, invariants, place_call, start_held_call
 
@@ -19,11 +18,8 @@ D10 = {"1001": Decimal("10")}
 
 def sweep_later(billing, hours=2):
     """Sweep as if ``hours`` had passed: every reservation is then overdue."""
-    store = billing.store()
-    try:
-        return sweeper.sweep(store, load(str(billing.config)), now=time.time() + hours * 3600)
-    finally:
-        store.close()
+    billing.backdate(hours * 3600)
+    return billing.sweep()
 
 
 def test_a_busy_account_is_refused_within_the_lock_wait(tariff):
@@ -60,7 +56,7 @@ def test_a_killed_call_is_swept_by_policy(tariff, policy, state, balance):
     result = place_call(tariff, Scenario(kill_after_dial_sent=True))
     assert result.returncode == -signal.SIGKILL
     assert tariff.reservations() == [(result.uniqueid,)]
-    assert sweeper.sweep(tariff.store(), load(str(tariff.config))) == []  # may still be up
+    assert tariff.sweep() == []                # may still be up
     done = sweep_later(tariff)
     assert [(d["uniqueid"], d["action"]) for d in done] == [(result.uniqueid, policy + "d")]
     assert sweep_later(tariff) == []           # a second sweep finds nothing to do
@@ -98,6 +94,16 @@ def test_the_sweep_command_and_a_stale_reservation_in_the_audit(tariff):
         "uniqueid": result.uniqueid, "account": "1001", "action": "released",
         "cost": "0.0000", "billsec": 0}]
     invariants(tariff, D10)
+
+
+def test_the_sweep_waits_out_the_grace_to_the_second(tariff):
+    tariff.write_config(sweep_grace_secs=100)
+    result = place_call(tariff, Scenario(kill_after_dial_sent=True))
+    deadline = 3600 + 60 + 100          # max_secs + ring_timeout + sweep_grace_secs
+    tariff.backdate(deadline - 5)
+    assert tariff.sweep() == []
+    tariff.backdate(10)
+    assert [d["uniqueid"] for d in tariff.sweep()] == [result.uniqueid]
 
 
 def test_a_call_killed_mid_settlement_leaves_all_or_nothing(tariff):
@@ -173,8 +179,9 @@ def call_ended_during_an_outage(billing, request):
 def test_settlement_during_an_outage_is_spooled_and_replayed_once(tariff, request):
     uniqueid, result = call_ended_during_an_outage(tariff, request)
     assert result.returncode == 0 and "ASTBILL_COST" not in result.variables_set
-    assert result.verbose[-1] == f"astbill: {uniqueid} database unavailable, settlement spooled"
-    assert [p.name for p in tariff.spool.glob("*.settle")] == [f"{uniqueid}.settle"]
+    assert result.verbose[-1].startswith(
+        f"astbill: {uniqueid} settlement spooled to {tariff.spool / uniqueid}.call: ")
+    assert [p.name for p in tariff.spool.glob("*.call")] == [f"{uniqueid}.call"]
     assert tariff.reservations() == [(uniqueid,)]   # still owed, still reserved
     proc = tariff.admin_process("sweep", "--json")
     assert json.loads(proc.stdout)["replayed"] == 1, proc.stderr
@@ -186,7 +193,7 @@ def test_settlement_during_an_outage_is_spooled_and_replayed_once(tariff, reques
 def test_the_next_call_replays_the_spool(tariff, request):
     call_ended_during_an_outage(tariff, request)
     place_call(tariff, Scenario(answered_ms=1_000))
-    assert list(tariff.spool.glob("*.settle")) == []
+    assert list(tariff.spool.glob("*.call")) == []
     assert tariff.balance("1001") == Decimal("9.82")
     invariants(tariff, D10)
 

@@ -11,10 +11,10 @@ import os
 import stat
 import sys
 
-from . import config, spool, sweeper
-from .credit import timestamp
+from . import config, recovery
+from .ledger import AUTHORIZE_TRIES, attempt, timestamp
 from .money import D, MoneyError, fmt
-from .rates_csv import RatesError, read_rates
+from .rating import RatesError, read_rates
 from .store import Conflict, NotFound, StoreError, open_store
 
 
@@ -56,7 +56,8 @@ def parser():
             c.add_argument("--json", action="store_true", help="print JSON")
         return c
 
-    command("init-db", init_db, "create the schema (safe to run twice)", json_out=False)
+    command("init-db", init_db, "create the schema, or upgrade it to this version's (safe to run"
+            " twice)", json_out=False)
     account = sub.add_parser("account", help="add, show or list accounts")
     acc = account.add_subparsers(dest="action", required=True, metavar="ACTION")
     c = command("add", account_add, "add an account with an opening balance", under=acc)
@@ -85,8 +86,13 @@ def parser():
 # -- commands ------------------------------------------------------------------
 
 def init_db(store, settings, args):
-    store.init_schema()
-    print("schema ready")
+    before, after = store.migrate()
+    if before == after:
+        print(f"schema ready (version {after})")
+    elif before == 0:
+        print(f"schema created (version {after})")
+    else:
+        print(f"schema upgraded from version {before} to {after}")
 
 
 def account_add(store, settings, args):
@@ -95,7 +101,7 @@ def account_add(store, settings, args):
     if balance < 0:
         raise AdminError("opening balance must not be negative")
     try:
-        store.atomic(lambda tx: tx.add_account(account, tariff, balance, timestamp()))
+        write(settings, lambda tx: tx.add_account(account, tariff, balance, timestamp()))
     except Conflict:
         raise AdminError(f"account {account} exists") from None
     account_show(store, settings, args)
@@ -117,7 +123,7 @@ def topup(store, settings, args):
     if amount <= 0:
         raise AdminError("top-up amount must be positive")
     try:
-        store.atomic(lambda tx: tx.change_balance(args.account, amount, "topup", None, timestamp()))
+        write(settings, lambda tx: tx.change_balance(args.account, amount, "topup", None, timestamp()))
     except NotFound:
         raise AdminError(f"no account {args.account}") from None
     account_show(store, settings, args)
@@ -126,7 +132,7 @@ def topup(store, settings, args):
 def rate_import(store, settings, args):
     tariff = checked_name(args.tariff, "tariff", 40)
     rates = read_rates(args.file, tariff)
-    store.atomic(lambda tx: tx.replace_tariff(tariff, rates))
+    write(settings, lambda tx: tx.replace_tariff(tariff, rates))
     result = {"tariff": tariff, "imported": len(rates)}
     print(json.dumps(result) if args.json else f"imported {len(rates)} rates into tariff {tariff}")
 
@@ -156,20 +162,22 @@ def cdr(store, settings, args):
 
 
 def sweep(store, settings, args):
-    replayed, set_aside = spool.replay(store, settings["spool_dir"], settings["decimals"])
-    results = sweeper.sweep(store, settings)
-    report = {"replayed": replayed, "set_aside": set_aside,
-              "swept": [dict(r, cost=fmt(r["cost"], settings["decimals"])) for r in results]}
+    replayed, results = recovery.recover(settings, store)
+    places = settings["decimals"]
+    swept = [dict(r, cost=fmt(r["cost"], places)) if "cost" in r else r for r in results]
+    report = {"replayed": replayed.settled, "set_aside": replayed.set_aside, "swept": swept}
     if args.json:
         print(json.dumps(report))
         return
-    print(f"replayed {replayed} spooled settlements; swept {len(results)} reservations")
-    for r in report["swept"]:
-        print(f"{r['uniqueid']} {r['account']} {r['action']} cost {r['cost']} billsec {r['billsec']}")
+    print(f"replayed {replayed.settled} spooled settlements, set aside {replayed.set_aside};"
+          f" swept {len(swept)} reservations")
+    for r in swept:
+        what = f"cost {r['cost']} billsec {r['billsec']}" if "cost" in r else r["reason"]
+        print(f"{r['uniqueid']} {r['account']} {r['action']} {what}")
 
 
 def audit(store, settings, args):
-    problems = sweeper.audit(store, settings)
+    problems = recovery.audit(settings, store)
     if args.json:
         print(json.dumps({"ok": not problems, "problems": problems}))
     else:
@@ -181,6 +189,12 @@ def audit(store, settings, args):
 
 
 # -- helpers -------------------------------------------------------------------
+
+def write(settings, work):
+    """One transaction, run again after a deadlock or a cluster
+    certification conflict with the calls going on meanwhile."""
+    return attempt(settings, lambda store: store.atomic(work), AUTHORIZE_TRIES)
+
 
 def checked_name(value, what, longest):
     if not value or len(value) > longest or not value.isprintable() or value != value.strip():

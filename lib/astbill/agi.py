@@ -145,3 +145,24 @@ class Channel:
         if reply.code != 200 or not reply.result.lstrip("-").isdigit():
             raise AGIError(f"EXEC {app} answered {reply.code} {reply.result}")
         return int(reply.result)
+
+
+# -- Asterisk's time fields --------------------------------------------------------
+
+def seconds_to_ms(text):
+    """'3.503239' (CDR billsec,f) -> 3503; '' -> 0."""
+    whole, _, frac = text.partition(".")
+    if not whole.isdigit() or (frac and not frac.isdigit()):
+        return 0
+    return int(whole) * 1000 + int((frac + "000")[:3])
+
+
+def answered_ms(answered_ms_text, answered_s_text, billsec_f):
+    """How long the caller's channel has been up when Dial returns, in ms,
+    from the best source Asterisk gave: ANSWEREDTIME_MS, else ANSWEREDTIME,
+    else CDR(billsec,f)."""
+    if answered_ms_text.isdigit():
+        return int(answered_ms_text)
+    if answered_s_text.isdigit():
+        return int(answered_s_text) * 1000
+    return seconds_to_ms(billsec_f)

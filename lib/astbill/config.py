@@ -4,10 +4,14 @@ The YAML file is the source of truth.  Importing and parsing YAML costs
 more than the rest of a call's start-up, so the checked settings are cached
 beside it in marshal form (built in, nothing to import; mode 0600, it holds
 the database password) and reused while the YAML file's size and mtime and
-the interpreter's marshal version are unchanged.
+the interpreter's marshal version are unchanged -- and so are its inode and
+ctime (a file replaced or touched within one mtime tick), and AstBill's
+version (whose defaults and checks the cache holds).
 """
 import marshal
 import os
+
+from . import __version__
 
 DEFAULT_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "conf", "astbill.yaml")
@@ -26,6 +30,10 @@ DEFAULTS = {
     "on_db_error": "refuse",
     "db_error_allow_secs": 60,
     "spool_dir": "/var/spool/astbill",
+    # Where a settlement goes when spool_dir cannot be written (disk full, a
+    # broken deploy): memory, on another filesystem.  "" for none.
+    "spool_fallback_dir": "/dev/shm/astbill",
+    "connect_timeout_secs": 1,
     "sweep_grace_secs": 300,
     "sweep_policy": "release",
     "asterisk_cdr_table": "",
@@ -38,7 +46,8 @@ _TYPES = {
     "national_prefix": str, "country_code": str, "max_call_secs": int,
     "ring_timeout": int, "dial": str, "dial_options": str, "warning_secs": int,
     "decimals": int, "lock_wait_secs": int, "on_db_error": str,
-    "db_error_allow_secs": int, "spool_dir": str, "sweep_grace_secs": int,
+    "db_error_allow_secs": int, "spool_dir": str, "spool_fallback_dir": str,
+    "connect_timeout_secs": int, "sweep_grace_secs": int,
     "sweep_policy": str, "asterisk_cdr_table": str, "database_password_env": str,
     "mysql_driver": str, "tariffs": dict,
 }
@@ -47,6 +56,7 @@ _CHOICES = {"on_db_error": ("refuse", "allow"), "sweep_policy": ("release", "cha
 _RANGES = {"max_call_secs": (1, 86400), "ring_timeout": (1, 600),
            "warning_secs": (0, 3600), "decimals": (0, 6),
            "lock_wait_secs": (1, 60), "db_error_allow_secs": (1, 600),
+           "connect_timeout_secs": (1, 30),
            "sweep_grace_secs": (0, 86400)}
 
 
@@ -65,7 +75,7 @@ def load(path=None):
         st = os.stat(path)
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-    stamp = (st.st_size, st.st_mtime_ns, marshal.version)
+    stamp = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, marshal.version, __version__)
     cache = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".cache")
     settings = _read_cache(cache, stamp)
     if settings is None:
@@ -100,7 +110,14 @@ def check(raw, path="config"):
         if key not in raw:
             raise ConfigError(f"{path}: missing setting {key!r}")
     settings = dict(DEFAULTS, **raw)
+    if isinstance(settings["database"], list) and settings["database"] and all(
+            isinstance(url, str) for url in settings["database"]):
+        urls = settings.pop("database")   # a Galera cluster's nodes, tried in order
+    else:
+        urls = None
     for key, kind in _TYPES.items():
+        if key == "database" and urls is not None:
+            continue
         value = settings[key]
         if not isinstance(value, kind) or isinstance(value, bool):
             raise ConfigError(f"{path}: {key} must be {kind.__name__}, not {type(value).__name__}")
@@ -108,15 +125,25 @@ def check(raw, path="config"):
             raise ConfigError(f"{path}: {key} must be one of {', '.join(_CHOICES[key])}")
         if key in _RANGES and not _RANGES[key][0] <= value <= _RANGES[key][1]:
             raise ConfigError(f"{path}: {key} must be between {_RANGES[key][0]} and {_RANGES[key][1]}")
-    scheme = settings["database"].split("://", 1)[0]
-    if scheme not in ("sqlite", "mysql"):
-        raise ConfigError(f"{path}: database must be a sqlite:// or mysql:// URL")
-    if scheme == "mysql":
-        from .store.mysql import connect_args
-        try:
-            connect_args(settings["database"])
-        except ValueError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+    if urls is not None:
+        settings["database"] = urls
+    for url in urls or [settings["database"]]:
+        scheme = url.split("://", 1)[0]
+        if scheme != "mysql" and (scheme != "sqlite" or urls):
+            raise ConfigError(f"{path}: database must be a sqlite:// or mysql:// URL,"
+                              " or a list of mysql:// URLs (a cluster's nodes)")
+        if scheme == "mysql":
+            from .store.mysql import connect_args
+            try:
+                connect_args(url)
+            except ValueError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
+    from .ledger import settle_time_bound
+    bound = settle_time_bound(settings)
+    if settings["sweep_grace_secs"] < bound:
+        raise ConfigError(f"{path}: sweep_grace_secs must be at least {bound:.0f}, the longest"
+                          " a settlement keeps retrying before it spools (lock_wait_secs,"
+                          " connect_timeout_secs and the database nodes set it)")
     source = settings["account_source"]
     variable = source[9:] if source.startswith("variable:") else ""
     if source not in ("accountcode", "callerid") and not (
@@ -170,3 +197,9 @@ def _write_cache(cache, stamp, settings):
             os.unlink(tmp)
         except OSError:
             pass
+
+
+def dial_string(settings, tariff, number):
+    """The whole Dial string for ``number``: the tariff's template, else the default."""
+    template = settings["tariffs"].get(tariff, {}).get("dial") or settings["dial"]
+    return template.format(number=number)

@@ -10,10 +10,10 @@ import sys
 # than the rest of a call's start-up.
 import _signal as signal
 
-from . import callflow, spool
+from . import callflow
 from .agi import AGIError, Channel, Hangup
 from .config import ConfigError, load
-from .credit import ERROR
+from .ledger import ERROR
 
 
 def main(argv, stdin=None, stdout=None):
@@ -25,7 +25,7 @@ def main(argv, stdin=None, stdout=None):
         channel.read_env()
         config, target = parse_args(agi_args(channel.env) or argv)
         settings = load(config)
-        settled = callflow.handle(channel, settings, target)
+        settlement = callflow.handle(channel, settings, target)
     except ConfigError as exc:
         report(channel, f"{ERROR} {exc}")
         return 0
@@ -35,8 +35,10 @@ def main(argv, stdin=None, stdout=None):
     except Exception as exc:  # a bug must not leave the dialplan without a status
         report(channel, f"{ERROR} internal error: {type(exc).__name__}: {exc}")
         return 0
-    if settled is not None:
-        replay_spool(settings)
+    if settlement is not None and settlement.cost is not None:
+        # The database took our call: retry what earlier calls spooled.
+        from .recovery import replay_after_call
+        replay_after_call(settings)
     return 0
 
 
@@ -63,18 +65,3 @@ def report(channel, message):
         channel.verbose(f"astbill: {' '.join(message.split())}")
     except (Hangup, AGIError):
         sys.stderr.write(f"astbill: {message}\n")
-
-
-def replay_spool(settings):
-    """Our own call was just settled, so the database is there: retry the
-    settlements that earlier calls could not write."""
-    if not spool.pending(settings["spool_dir"]):
-        return
-    from .store import open_store
-    store = open_store(settings)
-    try:
-        spool.replay(store, settings["spool_dir"], settings["decimals"])
-    except Exception:  # noqa: BLE001 -- the call is billed; the sweep will retry
-        pass
-    finally:
-        store.close()

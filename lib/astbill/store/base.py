@@ -1,27 +1,30 @@
 """Storage: every statement AstBill runs, written once for both backends.
 
-A backend subclass says only how it differs: how to connect, its
-placeholder, its row-lock clause, how it stores money and which driver
-errors mean "retry", "lock wait timed out" or "unavailable".  Everything
-else -- and every piece of SQL -- lives here.
+A backend subclass says only how it differs: how to connect, its SQL
+dialect (placeholder, row-lock clause, the clock, column types), how it
+stores money and which driver errors mean "deadlock", "lock wait timed
+out", "duplicate" or "unavailable".  Everything else -- every piece of SQL
+and the schema's versioned upgrades -- lives here and in ``schema``.
+
+A transaction runs once: retrying is the credit ledger's decision, made in
+one place, so each failure surfaces here as one named exception.
 """
-import os
 import time
 
 from ..money import D
-
-SQL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))), "sql")
-
-MAX_ATTEMPTS = 5
 
 
 class StoreError(Exception):
     """The database failed or cannot be reached; the message is one line."""
 
 
-class LockTimeout(StoreError):
-    """Waited longer than lock_wait_secs for an account's row lock."""
+class Busy(StoreError):
+    """The account is busy: a lock wait timed out, or the transaction lost
+    a deadlock or a cluster certification (``retryable``: run it again)."""
+
+    def __init__(self, message, retryable=False):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class Conflict(StoreError):
@@ -36,6 +39,11 @@ class Store:
     placeholder = "?"
     lock_clause = ""
     begin_sql = "BEGIN"
+    # The database's own clock, UTC, as 'YYYY-MM-DD HH:MM:SS': the one clock
+    # every box of a fleet shares.
+    now_sql = ""
+    # Column types and table options of the schema, written once in sql/.
+    dialect = {}
 
     def __init__(self, settings):
         self.settings = settings
@@ -49,7 +57,7 @@ class Store:
         raise NotImplementedError
 
     def _classify(self, exc):
-        """'retry', 'timeout', 'integrity', or None (any other failure)."""
+        """'deadlock', 'timeout', 'integrity', or None (any other failure)."""
         raise NotImplementedError
 
     driver_errors = ()
@@ -60,35 +68,26 @@ class Store:
     def money_out(self, value):
         return D(value)
 
-    schema_name = None
-    schema_prelude = ()
-
-    def init_schema(self):
-        """Create every table and index that is missing."""
-        with open(os.path.join(SQL_DIR, self.schema_name), encoding="utf-8") as f:
-            text = "\n".join(line for line in f if not line.lstrip().startswith("--"))
-        statements = [*self.schema_prelude, *(s.strip() for s in text.split(";"))]
-        try:
-            cur = self.connection().cursor()
-            for statement in statements:
-                if statement:
-                    cur.execute(statement)
-        except self.driver_errors as exc:
-            raise self._error(exc, self._classify(exc)) from None
+    def where(self):
+        """The database, named for messages."""
+        return "the database"
 
     # -- connection and transactions ---------------------------------------
     def sql(self, text):
         """SQL written with '?' placeholders, in this driver's dialect."""
         adapted = self._sql_cache.get(text)
         if adapted is None:
-            adapted = text.replace("?", self.placeholder)
-            adapted = adapted.replace(" {lock}", self.lock_clause)
+            adapted = text.replace("?", self.placeholder).replace(" {lock}", self.lock_clause)
+            adapted = adapted.replace("{now}", self.now_sql)
             self._sql_cache[text] = adapted
         return adapted
 
     def connection(self):
         if self._conn is None:
-            self._conn = self._connect()
+            try:
+                self._conn = self._connect()
+            except self.driver_errors as exc:
+                raise self._error(exc, self._classify(exc)) from None
         return self._conn
 
     def close(self):
@@ -100,33 +99,26 @@ class Store:
                 pass
 
     def atomic(self, work):
-        """Run ``work(tx)`` in one transaction and commit it.
+        """Run ``work(tx)`` in one transaction and commit it, once.
 
-        A deadlock or a cluster certification failure rolls back and runs
-        the whole of ``work`` again, so ``work`` must only touch the
-        database.  A lock wait timeout is not retried: it becomes
-        LockTimeout, and the caller fails closed.
+        Any failure rolls back and raises: Busy (retryable after a deadlock
+        or a certification failure), Conflict, or StoreError.
         """
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            try:
-                conn = self.connection()
-                cur = conn.cursor()
-                self.began = time.monotonic()
-                cur.execute(self.begin_sql)
-                result = work(Tx(self, cur))
-                conn.commit()
-                return result
-            except self.driver_errors as exc:
-                kind = self._classify(exc)
-                self._rollback()
-                if kind == "retry" and attempt < MAX_ATTEMPTS:
-                    import random  # rare: only after a deadlock
-                    time.sleep(random.uniform(0.005, 0.02) * attempt)
-                    continue
-                raise self._error(exc, kind) from None
-            except BaseException:
-                self._rollback()
-                raise
+        try:
+            conn = self.connection()
+            cur = conn.cursor()
+            self.began = time.monotonic()
+            cur.execute(self.begin_sql)
+            result = work(Tx(self, cur))
+            conn.commit()
+            return result
+        except self.driver_errors as exc:
+            kind = self._classify(exc)
+            self._rollback()
+            raise self._error(exc, kind) from None
+        except BaseException:
+            self._rollback()
+            raise
 
     def read(self, work):
         """Run read-only ``work(tx)`` outside a locking transaction."""
@@ -149,13 +141,29 @@ class Store:
     def _error(self, exc, kind):
         text = " ".join(str(exc).split()) or type(exc).__name__
         if kind == "timeout":
-            return LockTimeout(f"lock wait timed out: {text}")
+            return Busy(f"lock wait timed out: {text}")
+        if kind == "deadlock":
+            return Busy(f"deadlock or certification conflict: {text}", retryable=True)
         if kind == "integrity":
             return Conflict(f"already there: {text}")
-        if kind is None:
-            # The connection may be broken; never reuse it.
-            self.close()
-        return StoreError(f"database error: {text}")
+        # The connection may be broken; never reuse it.
+        self.close()
+        return StoreError(f"{self.where()}: {text}")
+
+    # -- the schema ----------------------------------------------------------
+    def migrate(self):
+        """Create or upgrade the schema; (version before, version after)."""
+        from .schema import migrate
+        return migrate(self)
+
+    def execute_script(self, statements):
+        """Run DDL statements, each on its own (MySQL commits DDL at once)."""
+        try:
+            cur = self.connection().cursor()
+            for statement in statements:
+                cur.execute(statement)
+        except self.driver_errors as exc:
+            raise self._error(exc, self._classify(exc)) from None
 
 
 class Tx:
@@ -207,14 +215,15 @@ class Tx:
             return None
         return self.store.money_out(row[0]), self.store.money_out(row[1])
 
-    def add_reservation(self, uniqueid, account, max_cost, max_secs, now):
+    def add_reservation(self, uniqueid, account, max_cost, max_secs):
         """The reservation row, and its amount added to the account's
         ``reserved``: a write to the account row, which is what makes a
         Galera cluster certify concurrent authorizations against each other
-        (row locks taken by SELECT ... FOR UPDATE stay on one node)."""
+        (row locks taken by SELECT ... FOR UPDATE stay on one node).  Its
+        time is the database's, the clock the sweep compares it with."""
         m = self.store.money_in(max_cost)
         self.run("INSERT INTO astcreditres (uniqueid, account, max_cost, max_secs, created)"
-                 " VALUES (?, ?, ?, ?, ?)", (uniqueid, account, m, max_secs, now))
+                 " VALUES (?, ?, ?, ?, {now})", (uniqueid, account, m, max_secs))
         self.run("UPDATE astaccount SET reserved = reserved + ? WHERE account = ?", (m, account))
 
     def open_cdr(self, cdr):
@@ -328,9 +337,16 @@ class Tx:
         return out
 
     # -- the sweep and the audit ---------------------------------------------
+    def has_table(self, name):
+        return self.one(self.store.table_sql, (name,)) is not None
+
+    def now(self):
+        """The database's clock, 'YYYY-MM-DD HH:MM:SS' UTC."""
+        return str(self.one("SELECT {now}")[0])
+
     def reservations(self):
         rows = self.all("SELECT uniqueid, account, max_secs, created FROM astcreditres"
-                        " ORDER BY created")
+                        " ORDER BY created, uniqueid")
         return [{"uniqueid": r[0], "account": r[1], "max_secs": r[2], "created": str(r[3])}
                 for r in rows]
 

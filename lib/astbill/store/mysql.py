@@ -93,10 +93,15 @@ class CConnection:
 
 # 1213: deadlock, and what Galera reports on a certification failure;
 # 1205: lock wait timeout; 1062: duplicate key.
-_RETRY = {1213}
+_DEADLOCK = {1213}
 _TIMEOUT = {1205}
 _INTEGRITY = {1062}
 FOUND_ROWS = 2  # CLIENT_FOUND_ROWS, the same in every MySQL client library
+
+
+def database_urls(database):
+    """The configured URL, or the list of a cluster's nodes, as a list."""
+    return [database] if isinstance(database, str) else list(database)
 
 
 def connect_args(url, password_env=""):
@@ -141,22 +146,45 @@ class MySQLStore(Store):
     placeholder = "%s"
     lock_clause = " FOR UPDATE"
     begin_sql = "START TRANSACTION"
-    schema_name = "mysql.sql"
+    now_sql = "UTC_TIMESTAMP()"
+    table_sql = ("SELECT table_name FROM information_schema.tables"
+                 " WHERE table_schema = DATABASE() AND table_name = ?")
+    dialect = {"money": "DECIMAL(19,6)", "time": "DATETIME",
+               "id": "BIGINT NOT NULL AUTO_INCREMENT",
+               "table": "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"}
 
     def __init__(self, settings):
         super().__init__(settings)
         self.driver = load_driver(settings.get("mysql_driver", "auto"))
         self.driver_errors = (self.driver.Error,)
+        self.urls = database_urls(settings["database"])
+        self.node = None  # host:port of the server in use
+
+    def where(self):
+        return f"database at {self.node}" if self.node else "the database"
 
     def _connect(self):
+        """The first server of the list that answers (a Galera cluster's
+        nodes): a node that is down costs at most connect_timeout_secs."""
+        failure = None
+        for url in self.urls:
+            args = connect_args(url, self.settings.get("database_password_env", ""))
+            self.node = f"{args['host']}:{args['port']}"
+            try:
+                return self._connect_one(args)
+            except self.driver_errors as exc:
+                failure = exc
+        raise failure
+
+    def _connect_one(self, args):
         timeout = self.settings["lock_wait_secs"]
         connect = self.driver.connect
         if self.driver.__name__ == "MySQLdb._mysql":
             def connect(**kwargs):
                 return CConnection(self.driver, **kwargs)
         return connect(
-            **connect_args(self.settings["database"], self.settings.get("database_password_env", "")),
-            charset="utf8mb4", autocommit=True, connect_timeout=timeout,
+            **args, charset="utf8mb4", autocommit=True,
+            connect_timeout=self.settings.get("connect_timeout_secs", 1),
             # A server that stops answering must not hold the call: past any
             # lock wait, a silent read is an outage.
             read_timeout=timeout + 5, write_timeout=timeout + 5,
@@ -166,8 +194,8 @@ class MySQLStore(Store):
 
     def _classify(self, exc):
         code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
-        if code in _RETRY:
-            return "retry"
+        if code in _DEADLOCK:
+            return "deadlock"
         if code in _TIMEOUT:
             return "timeout"
         if code in _INTEGRITY:

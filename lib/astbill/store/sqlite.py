@@ -18,17 +18,25 @@ def sqlite_path(url, config_dir=""):
 
 class SQLiteStore(Store):
     begin_sql = "BEGIN IMMEDIATE"
-    schema_name = "sqlite.sql"
-    schema_prelude = ("PRAGMA journal_mode=WAL",)
+    now_sql = "strftime('%Y-%m-%d %H:%M:%S', 'now')"
+    table_sql = "SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?"
+    dialect = {"money": "INTEGER", "time": "TEXT", "id": "INTEGER NOT NULL", "table": "",
+               "prelude": ("PRAGMA journal_mode=WAL",)}
     driver_errors = (sqlite3.Error,)
 
     def __init__(self, settings):
         super().__init__(settings)
         self.path = sqlite_path(settings["database"], settings.get("config_dir", ""))
 
+    def where(self):
+        return f"database {self.path}"
+
     def _connect(self):
-        if not os.path.exists(self.path) and not self.settings.get("create_database"):
-            raise sqlite3.OperationalError(f"no database file {self.path} (run astbill-admin init-db)")
+        if not os.path.exists(self.path):
+            if not self.settings.get("create_database"):
+                raise sqlite3.OperationalError("no such file (run astbill-admin init-db)")
+            # Callers' numbers and balances: readable by the owner and group only.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660))
         return sqlite3.connect(self.path, timeout=self.settings["lock_wait_secs"],
                                isolation_level=None)
 

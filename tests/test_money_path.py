@@ -1,0 +1,288 @@
+"""The money path's failure holes, each closed: the spool, the sweep, the
+replay and the clocks.  Real astbill.py processes on SQLite and MariaDB."""
+import json
+import os
+import stat
+import sys
+import threading
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from agipeer import Scenario
+from astbill import ledger, recovery
+from astbill.config import ConfigError, check, load
+from astbill.store import Busy
+from conftest import ASTBILL, AccountLock, invariants, place_call, start_held_call
+from test_bad_input import CALL_REPLIES, env_bytes, run_in_process
+from test_failures import take_database_down, unreachable
+
+D10 = {"1001": Decimal("10")}
+SKEWED_CLOCK = str(Path(__file__).resolve().parent / "skewed_clock")
+
+
+def spooled_call(billing, request, **scenario):
+    """A 61 s call whose database goes down while it is up: its uniqueid."""
+    gate = threading.Event()
+    call = start_held_call(billing, gate, answered_ms=61_000, **scenario)
+    assert call.dial_reached.wait(30)
+    restore = take_database_down(billing, request)
+    gate.set()
+    result = call.wait()
+    restore()
+    assert "ASTBILL_COST" not in result.variables_set, result.dialogue_text()
+    return call.uniqueid, result
+
+
+def mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+# -- 1. a pending spooled settlement is never settled by policy -------------------------
+
+def test_a_call_whose_settlement_waits_in_the_spool_is_never_released(tariff, request, monkeypatch):
+    uniqueid, _ = spooled_call(tariff, request)
+    assert mode(tariff.spool) == 0o700
+    assert mode(tariff.spool / f"{uniqueid}.call") == 0o600
+    tariff.backdate(7200)
+    monkeypatch.setattr(recovery, "REPLAY_WAIT_SECS", 0.2)
+    lock_path = tariff.spool / recovery.LOCK
+    with recovery.open_lock(load(str(tariff.config)), 0):   # another replayer at work
+        assert tariff.sweep() == [{"uniqueid": uniqueid, "account": "1001", "action": "held",
+                                   "reason": "its settlement waits in the spool"}]
+    assert mode(lock_path) == 0o600
+    assert tariff.balance("1001") == Decimal("10") and tariff.reservations() == [(uniqueid,)]
+    assert tariff.sweep() == []                    # the replay settled it: nothing overdue
+    assert tariff.cdr(uniqueid)["cost"] == Decimal("0.12")
+    invariants(tariff, D10)
+
+
+# -- 2. a spool that cannot be written ------------------------------------------------
+
+def test_a_missing_spool_directory_is_made(tariff, request):
+    assert not tariff.spool.exists()
+    uniqueid, result = spooled_call(tariff, request)
+    assert mode(tariff.spool) == 0o700
+    assert [p.name for p in tariff.spool.glob("*.call")] == [f"{uniqueid}.call"]
+    assert tariff.admin_process("sweep").returncode == 0
+    assert tariff.balance("1001") == Decimal("9.88")
+    invariants(tariff, D10)
+
+
+def test_an_unwritable_spool_falls_back_and_the_audit_says_so(tariff, request):
+    blocker = tariff.path / "not-a-directory"
+    blocker.write_text("")
+    tariff.write_config(spool_dir=str(blocker / "spool"))
+    uniqueid, result = spooled_call(tariff, request)
+    fallback = tariff.fallback_spool / f"{uniqueid}.call"
+    assert result.verbose[-1].startswith(f"astbill: {uniqueid} settlement spooled to {fallback}: ")
+    assert mode(tariff.fallback_spool) == 0o700
+    status, out, _ = tariff.admin("audit")
+    assert status == 1
+    assert (f"call {uniqueid}: settlement in the fallback spool {fallback} (the spool could"
+            " not be written; run astbill-admin sweep)") in out
+    tariff.backdate(7200)
+    done = tariff.sweep()          # replays from the fallback; never released free
+    assert done == [] and not fallback.exists()
+    assert tariff.cdr(uniqueid)["state"] == "settled"
+    assert tariff.balance("1001") == Decimal("9.88")
+
+
+def test_with_no_spool_at_all_asterisks_log_gets_the_whole_record(tariff, request):
+    blocker = tariff.path / "not-a-directory"
+    blocker.write_text("")
+    tariff.write_config(spool_dir=str(blocker / "spool"), spool_fallback_dir=str(blocker / "fb"))
+    uniqueid, result = spooled_call(tariff, request)
+    line = result.verbose[-1]
+    assert line.startswith(f"astbill: {uniqueid} settlement NOT recorded, spool failed (")
+    record = json.loads(line[line.index('{"'):])
+    assert (record["uniqueid"], record["dialstatus"], record["talk_ms"]) == (uniqueid, "ANSWER", 61_000)
+    assert tariff.reservations() == [(uniqueid,)]   # the audit reports it stale in time
+
+
+# -- 3. on_db_error: allow never loses a spooled call ----------------------------------
+
+def test_a_repeated_uniqueid_during_an_outage_is_refused_and_nothing_is_overwritten(tariff):
+    good = tariff.settings["database"]
+    tariff.write_config(database=unreachable(tariff), on_db_error="allow", db_error_allow_secs=120)
+    first = place_call(tariff, Scenario(answered_ms=61_000))
+    assert first.variables_set["ASTBILL_STATUS"] == "OK"
+    again = place_call(tariff, Scenario(answered_ms=5_000), agi_uniqueid=first.uniqueid)
+    assert again.variables_set["ASTBILL_STATUS"] == "ERROR" and again.dial_args is None
+    assert again.verbose == [f"astbill: ERROR call {first.uniqueid} was let through already"]
+    record = json.loads((tariff.spool / f"{first.uniqueid}.call").read_text())
+    assert record["talk_ms"] == 61_000
+    tariff.write_config(database=good)
+    assert tariff.admin_process("sweep").returncode == 0
+    assert tariff.cdr(first.uniqueid)["cost"] == Decimal("0.12")
+    assert tariff.balance("1001") == Decimal("9.88")
+
+
+def test_a_let_through_call_killed_in_its_dial_is_billed_by_policy(tariff):
+    good = tariff.settings["database"]
+    tariff.write_config(database=unreachable(tariff), on_db_error="allow", db_error_allow_secs=120,
+                        sweep_policy="charge")
+    killed = place_call(tariff, Scenario(kill_after_dial_sent=True))
+    assert (tariff.spool / f"{killed.uniqueid}.call").exists()
+    tariff.write_config(database=good)
+    assert tariff.sweep() == [] and tariff.cdr(killed.uniqueid) is None  # may still be up
+    record = json.loads((tariff.spool / f"{killed.uniqueid}.call").read_text())
+    record["started"] -= 7200
+    (tariff.spool / f"{killed.uniqueid}.call").write_text(json.dumps(record))
+    tariff.sweep()
+    cdr = tariff.cdr(killed.uniqueid)
+    assert (cdr["state"], cdr["billsec"], cdr["cost"]) == ("charged", 120, Decimal("0.12"))
+    invariants(tariff, D10)
+
+
+# -- 4. deadlocks that keep coming are a busy account, not an outage --------------------
+
+class DeadlockingStore:
+    """A database on which every transaction loses a deadlock."""
+    tries = 0
+
+    def __init__(self, settings):
+        pass
+
+    def read(self, work):
+        return ("default", ("49", "Germany", Decimal("0.06"), Decimal(0), 60, 60))
+
+    def atomic(self, work):
+        DeadlockingStore.tries += 1
+        raise Busy("deadlock or certification conflict: 1213", retryable=True)
+
+    def close(self):
+        pass
+
+
+def test_deadlock_retries_that_run_out_are_busy_even_when_outages_are_allowed(tariff, monkeypatch):
+    settings = dict(load(str(tariff.config)), on_db_error="allow")
+    monkeypatch.setattr(ledger, "open_store", DeadlockingStore)
+    DeadlockingStore.tries = 0
+    call = ledger.CallRecord(uniqueid="9.1", account="1001", number="4912345678")
+    grant = ledger.authorize(settings, call)
+    assert (grant.how, grant.status, DeadlockingStore.tries) == ("busy", "ERROR", ledger.AUTHORIZE_TRIES)
+    assert grant.reason.startswith("account 1001 is busy: deadlock")
+    assert not call.late and not tariff.spool.exists()
+
+
+# -- 5. a garbled reply before the Dial releases at once ---------------------------------
+
+def test_a_garbled_reply_before_the_dial_releases_the_reservation(tariff):
+    tariff.write_config(sweep_policy="charge")
+    stdin = env_bytes() + CALL_REPLIES[0] + b"garbage\n" + b"200 result=1\n" * 4
+    status, lines = run_in_process(tariff, stdin)
+    assert status == 0 and not any(line.startswith(b"EXEC Dial") for line in lines)
+    assert tariff.reservations() == []
+    (uniqueid,), = tariff.query("SELECT uniqueid FROM astcdr")
+    assert (tariff.cdr(uniqueid)["state"], tariff.cdr(uniqueid)["cost"]) == ("settled", 0)
+    assert tariff.balance("1001") == 10
+
+
+# -- 6. Dial gets the whole string ----------------------------------------------------------
+
+def test_a_long_dial_string_is_dialled_whole_and_shown_cut(tariff):
+    trunks = "&".join(f"PJSIP/{{number}}@trunk-{i:02d}" for i in range(12))
+    tariff.write_config(dial=trunks)
+    result = place_call(tariff, Scenario(answered_ms=61_000))
+    whole = trunks.format(number="4912345678")
+    assert len(whole) > 255 and result.dial_args == f"{whole},60,L(3600000)"
+    assert tariff.cdr(result.uniqueid)["lastdata"] == whole[:255]
+
+
+# -- 7. one bad reservation does not stop the sweep ---------------------------------------
+
+def test_a_bad_reservation_is_skipped_and_named_and_the_rest_are_swept(tariff):
+    bad, good = (place_call(tariff, Scenario(kill_after_dial_sent=True)).uniqueid for _ in range(2))
+    store = tariff.store()
+    store.atomic(lambda tx: tx.run("DELETE FROM astcdr WHERE uniqueid = ?", (bad,)))
+    store.close()
+    tariff.backdate(7200)
+    done = {d.pop("uniqueid"): d for d in tariff.sweep()}
+    assert done == {bad: {"account": "1001", "action": "skipped", "reason": f"no call {bad!r}"},
+                    good: {"account": "1001", "action": "released", "cost": Decimal(0),
+                           "billsec": 0}}
+    status, out, _ = tariff.admin("audit")
+    assert status == 1 and f"call {bad}: reservation without an active CDR" in out
+
+
+# -- 8. the replay goes on past a failure, and never sweeps what failed -------------------
+
+def test_the_replay_settles_what_it_can_and_the_sweep_holds_what_failed(tariff, request):
+    tariff.write_config(lock_wait_secs=1)
+    tariff.admin_ok("account", "add", "2002", "--balance", "10")
+    gate = threading.Event()
+    calls = [start_held_call(tariff, gate, account=a, answered_ms=61_000) for a in ("1001", "2002")]
+    assert all(c.dial_reached.wait(30) for c in calls)
+    restore = take_database_down(tariff, request)
+    gate.set()
+    first, second = (c.uniqueid for c in calls)
+    assert all("ASTBILL_COST" not in c.wait().variables_set for c in calls)
+    restore()
+    tariff.backdate(7200)
+    lock = AccountLock(tariff, "1001")       # the first call's account stays busy
+    try:
+        done = tariff.sweep()
+    finally:
+        lock.release()
+    if tariff.backend == "sqlite":           # one lock for the whole database
+        assert sorted((d["uniqueid"], d["action"]) for d in done) == [
+            (first, "held"), (second, "held")]
+    else:
+        assert done == [{"uniqueid": first, "account": "1001", "action": "held",
+                         "reason": "its settlement waits in the spool"}]
+        assert tariff.balance("2002") == Decimal("9.88")
+    assert tariff.balance("1001") == Decimal("10")
+    assert tariff.sweep() == []
+    invariants(tariff, {"1001": Decimal("10"), "2002": Decimal("10")})
+    assert tariff.balance("1001") == Decimal("9.88")
+
+
+# -- 9. the sweep uses the database's clock --------------------------------------------
+
+def test_a_box_whose_clock_is_behind_does_not_get_its_calls_swept(tariff):
+    # The call's box runs two hours behind, the sweeping box two hours ahead:
+    # only the database's clock may decide what is overdue.
+    from agipeer import agi_env, run_call
+    behind = dict(tariff.env, PYTHONPATH=SKEWED_CLOCK, ASTBILL_TEST_CLOCK_SKEW="-7200")
+    block = agi_env(agi_extension="4912345678", agi_accountcode="1001")
+    result = run_call([sys.executable, str(ASTBILL)], Scenario(kill_after_dial_sent=True),
+                      block, behind, 30)
+    assert result.returncode == -9 and tariff.reservations() == [(block["agi_uniqueid"],)]
+    ahead = tariff.admin_process("sweep", "--json", env=dict(
+        tariff.env, PYTHONPATH=SKEWED_CLOCK, ASTBILL_TEST_CLOCK_SKEW="7200"))
+    assert json.loads(ahead.stdout)["swept"] == [], ahead.stderr   # the call may still be up
+    assert tariff.reservations() == [(block["agi_uniqueid"],)]
+    tariff.backdate(7200)
+    assert [d["action"] for d in tariff.sweep()] == ["released"]
+
+
+# -- 10. the sweep's grace covers settlement's own retries --------------------------------
+
+def test_the_sweep_grace_must_outlast_the_settlement_retries():
+    base = {"database": "mysql://a@h1/db", "dial": "SIP/{number}"}
+    bound = ledger.settle_time_bound(check(dict(base)))
+    assert 25 < bound < 60
+    with pytest.raises(ConfigError, match=r"sweep_grace_secs must be at least 29, the longest"):
+        check(dict(base, sweep_grace_secs=20))
+    nodes = dict(base, database=["mysql://a@h1/db", "mysql://a@h2/db", "mysql://a@h3/db"])
+    assert ledger.settle_time_bound(check(dict(nodes))) == bound + 2 * ledger.SETTLE_TRIES
+
+
+# -- 12. the config cache knows a replaced or rewritten file ----------------------------
+
+def test_the_config_cache_sees_a_file_replaced_within_one_mtime_tick(tmp_path):
+    path = tmp_path / "astbill.yaml"
+    path.write_text("database: sqlite://a.db\ndial: SIP/{number}\n")
+    stamp = os.stat(path).st_mtime_ns
+    assert load(str(path))["database"] == "sqlite://a.db"
+    new = tmp_path / "new.yaml"
+    new.write_text("database: sqlite://b.db\ndial: SIP/{number}\n")  # same size
+    os.utime(new, ns=(stamp, stamp))
+    os.replace(new, path)                                 # another inode, same size and mtime
+    assert load(str(path))["database"] == "sqlite://b.db"
+    with open(path, "r+") as f:                          # same inode, same size, mtime put back
+        f.write("database: sqlite://c.db")
+    os.utime(path, ns=(stamp, stamp))
+    assert load(str(path))["database"] == "sqlite://c.db"

@@ -1,0 +1,87 @@
+"""Versioned upgrades: a database made by the first release's schema (kept in
+fixtures/release-1) upgrades with ``astbill-admin init-db`` without losing
+a row, and then bills calls as a new one does."""
+import os
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from agipeer import Scenario
+from astbill.config import load
+from astbill.store import open_store, schema
+from conftest import RATES, Billing, _db_names, invariants, place_call
+
+RELEASE_1 = Path(__file__).resolve().parent / "fixtures" / "release-1"
+TABLES = ("astaccount", "astrate", "astcreditres", "astcdr", "astledger")
+
+
+@pytest.fixture(params=["sqlite", "mariadb"])
+def release_1(request, tmp_path):
+    """A database made and used by the first release: accounts, rates, a
+    settled call, and a call in progress."""
+    if request.param == "sqlite":
+        database = f"sqlite://{tmp_path / 'astbill.db'}"
+    else:
+        database = request.getfixturevalue("mariadb").create_database(
+            f"astbill_r1_{os.getpid()}_{next(_db_names)}")
+    billing = Billing(tmp_path, database)
+    billing.backend = request.param
+    store = open_store(dict(load(str(billing.config)), create_database=True))
+    text = (RELEASE_1 / ("sqlite.sql" if request.param == "sqlite" else "mysql.sql")).read_text()
+    text = "\n".join(line.split("--", 1)[0] for line in text.splitlines())
+    store.execute_script([s.strip() for s in text.split(";") if s.strip()])
+    m = store.money_in
+    rows = [
+        ("INSERT INTO astaccount VALUES ('1001', 'default', ?, ?, '2026-01-02 03:04:05')",
+         (m(Decimal("9.88")), m(Decimal("3.6")))),
+        ("INSERT INTO astrate VALUES ('default', '49', 'Germany', ?, ?, 60, 60)",
+         (m(Decimal("0.06")), m(Decimal(0)))),
+        ("INSERT INTO astcreditres VALUES ('1.2', '1001', ?, 3600, '2026-01-02 03:05:00')",
+         (m(Decimal("3.6")),)),
+        ("INSERT INTO astledger (account, amount, kind, uniqueid, created) VALUES"
+         " ('1001', ?, 'open', NULL, '2026-01-02 03:04:05'), ('1001', ?, 'call', '1.1',"
+         " '2026-01-02 03:05:00')", (m(Decimal(10)), m(Decimal("-0.12")))),
+    ]
+    for uniqueid, state, cost, billsec in (("1.1", "settled", Decimal("0.12"), 61),
+                                           ("1.2", "active", None, 0)):
+        rows.append((
+            "INSERT INTO astcdr (uniqueid, start, dst, lastapp, lastdata, billsec, account,"
+            " tariff, prefix, rate, connect_fee, min_secs, increment, max_secs, cost, state)"
+            " VALUES (?, '2026-01-02 03:04:30', '4912345678', 'Dial', 'PJSIP/4912345678@trunk',"
+            " ?, '1001', 'default', '49', ?, ?, 60, 60, 3600, ?, ?)",
+            (uniqueid, billsec, m(Decimal("0.06")), m(Decimal(0)),
+             None if cost is None else m(cost), state)))
+    for sql, params in rows:
+        store.atomic(lambda tx: tx.run(sql, params))
+    store.close()
+    return billing
+
+
+def dump(billing):
+    return {table: sorted(billing.query(f"SELECT * FROM {table}"), key=repr) for table in TABLES}
+
+
+def test_a_first_release_database_upgrades_without_losing_a_row(release_1):
+    before = dump(release_1)
+    assert sum(len(rows) for rows in before.values()) == 7
+    status, out, err = release_1.admin("init-db")
+    assert (status, out, err) == (0, f"schema upgraded from version 1 to {schema.latest()}\n", "")
+    assert dump(release_1) == before
+    assert release_1.query("SELECT version FROM astschema ORDER BY version") == [
+        (v,) for v in range(1, schema.latest() + 1)]
+    assert release_1.admin("init-db") == (0, f"schema ready (version {schema.latest()})\n", "")
+    # The upgraded books balance, and calls go on where they left off.
+    release_1.backdate(7200)
+    assert [d["action"] for d in release_1.sweep()] == ["released"]
+    result = place_call(release_1, Scenario(answered_ms=61_000))
+    assert result.variables_set["ASTBILL_COST"] == "0.1200", result.dialogue_text()
+    invariants(release_1, {"1001": Decimal("10")})
+
+
+def test_a_new_database_gets_every_step(billing):
+    assert billing.query("SELECT version FROM astschema ORDER BY version") == [
+        (v,) for v in range(1, schema.latest() + 1)]
+    billing.setup_rates(RATES)
+    billing.admin_ok("account", "add", "1001", "--balance", "10")
+    assert place_call(billing, Scenario(answered_ms=1_000)).variables_set["ASTBILL_COST"] == "0.0600"
