@@ -9,7 +9,9 @@ one run, medians and p95 of:
   floor      `python -c pass` with the same interpreter, measured in the same run
 
 on SQLite and MariaDB (loopback), with tariffs of 100 and 100,000 prefixes
-and astcdr holding 0 and 1,000,000 rows; peak RSS of a live call's process
+and astcdr holding 0 and 1,000,000 rows, and with least-cost routing over
+10 trunks of 100,000 prefixes each, every prefix (sold and bought) priced
+in 4 periods of the week; peak RSS of a live call's process
 beside the bare interpreter's; and call setups per second with 20, 50 and
 100 calls started at once, with the p99 wait for the account lock.
 """
@@ -126,14 +128,7 @@ def p95(values):
 
 def prepare(workdir, database, label):
     """A config and a database with the two tariffs and the accounts."""
-    config = workdir / f"{label}.yaml"
-    config.write_text(f"database: {database}\ndial: \"PJSIP/{{number}}@trunk\"\n"
-                      f"spool_dir: {workdir}\n")
-    config.chmod(0o600)
-    settings = dict(load(str(config)), create_database=True)
-    store = open_store(settings)
-    store.migrate()
-    store.close()
+    config = new_database(workdir, database, label)
     admin(config, "rate", "import", str(rates_csv(workdir, 100)), "--tariff", "small")
     admin(config, "rate", "import", str(rates_csv(workdir, 100_000)), "--tariff", "big")
     admin(config, "account", "add", "small", "--balance", "100000", "--tariff", "small")
@@ -146,8 +141,39 @@ def prepare(workdir, database, label):
     return config
 
 
-def rates_csv(workdir, count):
-    path = workdir / f"rates{count}.csv"
+# A week in four periods: weekday nights, days and evenings, and the weekend.
+PERIODS = (("mon-fri", "00:00-08:00"), ("mon-fri", "08:00-18:00"), ("mon-fri", "18:00-24:00"),
+           ('"sat,sun"', ""))
+TRUNKS = 10
+
+
+def prepare_routed(workdir, database, label, prefixes):
+    """A config and a database whose calls are routed over the trunks: a
+    tariff and ``TRUNKS`` trunk decks of ``prefixes`` prefixes in 4 periods."""
+    config = new_database(workdir, database, label)
+    # Random decks may buy dearer than they sell: route every call anyway.
+    with open(config, "a") as f:
+        f.write("lcr_allow_loss: true\n")
+    carrier = rates_csv(workdir, prefixes, periods=True)
+    admin(config, "rate", "import", str(carrier), "--tariff", "carrier")
+    admin(config, "account", "add", "carrier", "--balance", "100000", "--tariff", "carrier")
+    add_trunks(config, carrier, TRUNKS)
+    return config
+
+
+def new_database(workdir, database, label):
+    config = workdir / f"{label}.yaml"
+    config.write_text(f"database: {database}\ndial: \"PJSIP/{{number}}@trunk\"\n"
+                      f"spool_dir: {workdir}\n")
+    config.chmod(0o600)
+    store = open_store(dict(load(str(config)), create_database=True))
+    store.migrate()
+    store.close()
+    return config
+
+
+def rates_csv(workdir, count, periods=False):
+    path = workdir / f"rates{count}{'-periods' if periods else ''}.csv"
     if path.exists():
         return path
     rng = random.Random(count)
@@ -155,10 +181,35 @@ def rates_csv(workdir, count):
     while len(prefixes) < count:
         prefixes.add(str(rng.randint(1, 9)) + "".join(str(rng.randint(0, 9)) for _ in range(rng.randint(1, 7))))
     with open(path, "w") as f:
-        f.write("prefix,destination,rate,connect_fee,min_secs,increment\n")
+        f.write("prefix,destination,rate,connect_fee,min_secs,increment"
+                + (",days,hours\n" if periods else "\n"))
         for p in sorted(prefixes):
-            f.write(f"{p},Destination {p},0.0{rng.randint(10, 99)},0,60,60\n")
+            for days, hours in PERIODS if periods else [(None, None)]:
+                f.write(f"{p},Destination {p},0.0{rng.randint(10, 99)},0,60,60"
+                        + (f",{days},{hours}\n" if periods else "\n"))
     return path
+
+
+def add_trunks(config, rates, count):
+    """``count`` trunks, each with a deck like ``rates``: the first imported,
+    the others copied in SQL (a little cheaper each), the bulk way."""
+    for i in range(count):
+        admin(config, "trunk", "add", f"carrier-{i}", "--dial", f"SIP/carrier-{i}/{{number}}")
+    admin(config, "rate", "import", str(rates), "--trunk", "carrier-0")
+    store = open_store(dict(load(str(config)), lock_wait_secs=60))
+    first = store.read(lambda tx: tx.one("SELECT id FROM astdeck WHERE name = 'carrier-0'"))[0]
+    for i in range(1, count):
+        def copy(tx, i=i):
+            tx.run("INSERT INTO astdeck (kind, name, starts, created) VALUES"
+                   " ('trunk', ?, '1970-01-01 00:00:00', '2026-01-01 00:00:00')", (f"carrier-{i}",))
+            deck = tx.one("SELECT id FROM astdeck WHERE name = ?", (f"carrier-{i}",))[0]
+            tx.run("INSERT INTO astprice (deck, prefix, days, start_min, end_min, destination,"
+                   " rate, connect_fee, min_secs, increment) SELECT ?, prefix, days, start_min,"
+                   " end_min, destination, rate * ?, connect_fee, min_secs, increment"
+                   " FROM astprice WHERE deck = ?", (deck, 100 - i, first))
+            tx.run("UPDATE astprice SET rate = rate / 100 WHERE deck = ?", (deck,))
+        store.atomic(copy)
+    store.close()
 
 
 def admin(config, *argv):
@@ -241,18 +292,21 @@ def main():
     parser.add_argument("--runs", type=int, default=40, help="calls per latency cell")
     parser.add_argument("--no-mariadb", action="store_true")
     parser.add_argument("--cdr-rows", type=int, default=1_000_000)
+    parser.add_argument("--trunk-prefixes", type=int, default=100_000,
+                        help="prefixes in the routed tariff and in each trunk's deck")
     parser.add_argument("--bursts", default="20,50,100", help="calls started at once, comma-separated")
     args = parser.parse_args()
     subprocess.run([PY, "-m", "compileall", "-q", str(ROOT / "lib")], check=True,
                    stdout=subprocess.DEVNULL)
     workdir = Path(tempfile.mkdtemp(prefix="astbill-bench-"))
-    backends = [("SQLite", f"sqlite://{workdir / 'bench.db'}")]
+    backends = [("SQLite", f"sqlite://{workdir / 'bench.db'}", f"sqlite://{workdir / 'routed.db'}")]
     server = None
     if not args.no_mariadb:
         from mariadb_server import MariaDBServer
         server = MariaDBServer(workdir / "mariadb")
         server.start()
-        backends.append(("MariaDB", server.create_database("astbill_bench")))
+        backends.append(("MariaDB", server.create_database("astbill_bench"),
+                         server.create_database("astbill_routed")))
     try:
         report(workdir, backends, args)
     finally:
@@ -269,7 +323,7 @@ def report(workdir, backends, args):
     floor_rss = floor_rss_kb()
     print(f"{'':44}{'median':>8}{'p95':>8}{'floor':>8}{'x floor':>9}")
     rss = {}
-    for label, database in backends:
+    for label, database, routed_database in backends:
         config = prepare(workdir, database, label.lower())
         env["ASTBILL_CONFIG"] = str(config)
         cells = {}
@@ -293,9 +347,17 @@ def report(workdir, backends, args):
                 name = f"{label} settle"
                 print(f"{name:44}{med(settle):8.1f}{p95(settle):8.1f}")
                 rss[label] = max(s.rss_kb for s in samples)
+        env["ASTBILL_CONFIG"] = str(prepare_routed(workdir, routed_database, label.lower() + "-routed",
+                                                   args.trunk_prefixes))
+        samples, floor = latency(env, "carrier", "4912345678", args.runs)
+        auth = [s.authorize for s in samples]
+        routed = med(auth) / med(floor)
+        name = f"{label} authorize, {TRUNKS} trunks x {args.trunk_prefixes:,} x 4 periods"
+        print(f"{name:44}{med(auth):8.1f}{p95(auth):8.1f}{med(floor):8.1f}{routed:9.2f}")
         base = cells[("100", "0")]
         print(f"  {label}, x floor over x floor: 100,000 prefixes / 100 = {cells[('100,000', '0')] / base:.2f};"
-              f" {args.cdr_rows:,} CDRs / 0 = {cells[('100', f'{args.cdr_rows:,}')] / base:.2f}")
+              f" {args.cdr_rows:,} CDRs / 0 = {cells[('100', f'{args.cdr_rows:,}')] / base:.2f};"
+              f" routed over {TRUNKS} trunks / 100 prefixes = {routed / base:.2f}")
         if label == "MariaDB":
             print(f"  MariaDB: {per_call[0]:.1f} statements and {per_call[1]:.1f} connections per call,"
                   " none open while the call is up")
@@ -303,7 +365,7 @@ def report(workdir, backends, args):
     print(f"peak RSS: floor {floor_rss / 1024:.1f} MB; " + "; ".join(
         f"{label} live call {kb / 1024:.1f} MB ({kb / floor_rss:.2f}x)" for label, kb in rss.items()))
     print("\nthroughput: calls started at once -> setups/s, p99 account-lock wait ms, refused")
-    for label, database in backends:
+    for label, *_ in backends:
         config = workdir / f"{label.lower()}.yaml"
         env["ASTBILL_CONFIG"] = str(config)
         for n in map(int, args.bursts.split(",")):

@@ -134,6 +134,9 @@ class Scenario:
     # Asterisk's clock does while the script works (e.g. authorizes).
     real_clock: bool = False
     set_variable_delay: float = 0.0  # real seconds each SET VARIABLE takes to answer
+    # Statuses of the first Dials, before ``dialstatus`` (trunk failover:
+    # e.g. ("CHANUNAVAIL", "CONGESTION") then an ANSWER).
+    earlier_dials: tuple = ()
 
     def __post_init__(self):
         if self.dialstatus not in DIAL_STATUSES:
@@ -424,6 +427,9 @@ class _Channel:
         sc = self.scenario
         for name in _DIAL_VARIABLES:
             self.variables[name] = ""
+        self.dials = getattr(self, "dials", 0) + 1
+        if self.dials <= len(sc.earlier_dials):
+            return self._failed_dial(sc.earlier_dials[self.dials - 1], target)
         self.dial_status = sc.dialstatus
         self.variables["DIALSTATUS"] = sc.dialstatus
         tech, _, resource = target.split("&")[0].partition("/")
@@ -460,6 +466,12 @@ class _Channel:
             # stays open: CDR(end) reads empty (local-chanunavail_local.txt).
             self.ended_ms = self.now_ms
         return result, caller_gone
+
+    def _failed_dial(self, status: str, target: str) -> tuple:
+        """A Dial that reached no callee: unavailable or congested at once."""
+        self.dial_status = self.variables["DIALSTATUS"] = status
+        self.hangupcause = self._unanswered_cause(target.split("/")[0])
+        return 0, False
 
     def _set_duration(self, name: str, ms: int) -> None:
         self.variables[name] = str(ms // 1000)

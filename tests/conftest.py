@@ -224,7 +224,7 @@ def invariants(billing, initial):
     store = billing.store()
     try:
         cdrs = store.read(lambda tx: tx.cdrs())
-        accounts = {a: b for a, _, b, _, _ in store.read(lambda tx: tx.accounts())}
+        accounts = {a: b for a, _, b, *_ in store.read(lambda tx: tx.accounts())}
     finally:
         store.close()
     for account, start in initial.items():

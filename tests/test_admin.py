@@ -1,15 +1,17 @@
 """astbill-admin: exact output and exit codes, on both backends."""
 import json
 
+from astbill.store import schema
+
 
 def test_init_db_is_safe_twice(billing):
-    assert billing.admin("init-db") == (0, "schema ready (version 2)\n", "")
+    assert billing.admin("init-db") == (0, f"schema ready (version {schema.latest()})\n", "")
 
 
 def test_account_add_show_list_and_topup(billing):
     assert billing.admin("account", "add", "1001", "--balance", "10", "--json") == (
         0, '{"account": "1001", "tariff": "default", "balance": "10.0000", "reserved": "0.0000",'
-           ' "available": "10.0000", "calls": 0}\n', "")
+           ' "credit_limit": "0.0000", "available": "10.0000", "max_calls": 0, "calls": 0}\n', "")
     assert billing.admin("topup", "1001", "2.5")[1] == (
         "account  tariff   balance  reserved  available  calls\n"
         "1001     default  12.5000  0.0000    12.5000    0\n")
@@ -67,8 +69,9 @@ def test_rate_import_is_all_or_nothing(billing):
     header.write_text("prefix,rate\n49,0.1\n")
     assert billing.admin("rate", "import", str(header), "--tariff", "default")[2] == (
         f"astbill-admin: {header}:1: header must be"
-        " prefix,destination,rate,connect_fee,min_secs,increment\n")
-    assert billing.query("SELECT prefix FROM astrate ORDER BY prefix") == [("49",), ("4930",)]
+        " prefix,destination,rate,connect_fee,min_secs,increment"
+        " (optionally followed by ,days,hours)\n")
+    assert billing.query("SELECT prefix FROM astprice ORDER BY prefix") == [("49",), ("4930",)]
 
 
 def test_the_real_command_runs_as_a_process(billing):

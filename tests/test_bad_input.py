@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from astbill.config import ConfigError, check
 from astbill.ledger import CallRecord
 from astbill.main import main
-from astbill.rating import MAX_DIGITS, RatesError, parse_rates
+from astbill.rating import MAX_DIGITS
+from astbill.rating.decks import RatesError, parse_rates
 
 ENV_ORDER = ["agi_request", "agi_channel", "agi_language", "agi_type", "agi_uniqueid",
              "agi_version", "agi_callerid", "agi_calleridname", "agi_callingpres",
@@ -135,7 +136,7 @@ def test_any_rates_csv_is_imported_whole_or_refused_by_line(rows):
     except RatesError as exc:
         assert exc.errors and all("\n" not in e for e in exc.errors)
     else:
-        for r in rates:
+        for r in (row.rate for row in rates):
             assert r.prefix.isdigit() and len(r.prefix) <= MAX_DIGITS
             assert r.per_min >= 0 and r.connect_fee >= 0 and r.increment >= 1
 

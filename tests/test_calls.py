@@ -162,7 +162,7 @@ def test_settling_twice_changes_nothing(tariff):
     store = open_store(load(str(tariff.config)))
     try:
         call = ledger.CallRecord(uniqueid=result.uniqueid, dialstatus="ANSWER", talk_ms=600_000)
-        again = ledger.settle_call(store, call, 4)
+        again = ledger.settle_call(store, call, load(str(tariff.config)))
     finally:
         store.close()
     assert (again.how, again.cost, again.billsec) == ("repeated", Decimal("0.12"), 61)

@@ -141,7 +141,7 @@ def test_fifty_concurrent_calls_never_overspend(tariff):
     def watch():  # at no moment may reservations exceed a balance
         store = tariff.store()
         while not stop.is_set():
-            for account, _, balance, reserved, _ in store.read(lambda tx: tx.accounts()):
+            for account, _, balance, reserved, *_ in store.read(lambda tx: tx.accounts()):
                 if reserved > balance:
                     overdrawn.append((account, balance, reserved))
         store.close()

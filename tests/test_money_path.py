@@ -146,7 +146,13 @@ class DeadlockingStore:
         pass
 
     def read(self, work):
-        return ("default", ("49", "Germany", Decimal("0.06"), Decimal(0), 60, 60))
+        return work(self)
+
+    def account_prices(self, account, prefixes, at):
+        return "default", [("49", "Germany", 127, 0, 1440, Decimal("0.06"), Decimal(0), 60, 60)]
+
+    def trunk_prices(self, prefixes, at):
+        return {}
 
     def atomic(self, work):
         DeadlockingStore.tries += 1

@@ -14,6 +14,7 @@ from conftest import RATES, Billing, _db_names, invariants, place_call
 
 RELEASE_1 = Path(__file__).resolve().parent / "fixtures" / "release-1"
 TABLES = ("astaccount", "astrate", "astcreditres", "astcdr", "astledger")
+COLUMNS_ADDED = {"astaccount": 2, "astcdr": 2}   # since the first release
 
 
 @pytest.fixture(params=["sqlite", "mariadb"])
@@ -58,8 +59,19 @@ def release_1(request, tmp_path):
     return billing
 
 
-def dump(billing):
-    return {table: sorted(billing.query(f"SELECT * FROM {table}"), key=repr) for table in TABLES}
+def dump(billing, upgraded=False):
+    """Every row, in the first release's columns (rates from wherever they live)."""
+    tables = {}
+    for table in TABLES:
+        sql = f"SELECT * FROM {table}"
+        if table == "astrate" and upgraded:  # now the first deck of each tariff
+            sql = ("SELECT d.name, p.prefix, p.destination, p.rate, p.connect_fee, p.min_secs,"
+                   " p.increment FROM astprice p JOIN astdeck d ON d.id = p.deck")
+        rows = billing.query(sql)
+        if upgraded and table in COLUMNS_ADDED:  # the first release's columns come first
+            rows = [row[:-COLUMNS_ADDED[table]] for row in rows]
+        tables[table] = sorted(rows, key=repr)
+    return tables
 
 
 def test_a_first_release_database_upgrades_without_losing_a_row(release_1):
@@ -67,7 +79,7 @@ def test_a_first_release_database_upgrades_without_losing_a_row(release_1):
     assert sum(len(rows) for rows in before.values()) == 7
     status, out, err = release_1.admin("init-db")
     assert (status, out, err) == (0, f"schema upgraded from version 1 to {schema.latest()}\n", "")
-    assert dump(release_1) == before
+    assert dump(release_1, upgraded=True) == before
     assert release_1.query("SELECT version FROM astschema ORDER BY version") == [
         (v,) for v in range(1, schema.latest() + 1)]
     assert release_1.admin("init-db") == (0, f"schema ready (version {schema.latest()})\n", "")

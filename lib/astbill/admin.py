@@ -12,10 +12,16 @@ import stat
 import sys
 
 from . import config, recovery
+from . import ledger
 from .ledger import AUTHORIZE_TRIES, attempt, timestamp
 from .money import D, MoneyError, fmt
-from .rating import RatesError, read_rates
+from .rating import normalize_destination
+from .rating.decks import RatesError, read_rates
+from .rating.periods import format_days, format_hours
 from .store import Conflict, NotFound, StoreError, open_store
+
+
+ALWAYS = "1970-01-01 00:00:00"
 
 
 class AdminError(Exception):
@@ -58,22 +64,51 @@ def parser():
 
     command("init-db", init_db, "create the schema, or upgrade it to this version's (safe to run"
             " twice)", json_out=False)
-    account = sub.add_parser("account", help="add, show or list accounts")
+    account = sub.add_parser("account", help="add, change, show or list accounts")
     acc = account.add_subparsers(dest="action", required=True, metavar="ACTION")
     c = command("add", account_add, "add an account with an opening balance", under=acc)
     c.add_argument("account")
     c.add_argument("--balance", required=True)
     c.add_argument("--tariff", default="default")
+    limits(c)
+    c = command("set", account_set, "change an account's tariff or limits", under=acc)
+    c.add_argument("account")
+    c.add_argument("--tariff")
+    limits(c, default=None)
     c = command("show", account_show, "balance, reserved and available", under=acc)
     c.add_argument("account")
     command("list", account_list, "every account", under=acc)
     c = command("topup", topup, "add credit to an account")
     c.add_argument("account")
     c.add_argument("amount")
-    c = command("rate", rate_import, "import a tariff's rates from CSV (replaces the tariff)")
-    c.add_argument("action", choices=["import"])
+    rate = sub.add_parser("rate", help="import or list a tariff's or a trunk's rates")
+    rates = rate.add_subparsers(dest="action", required=True, metavar="ACTION")
+    c = command("import", rate_import, "import a deck of rates from CSV (replaces the deck"
+                " starting at the same time)", under=rates)
     c.add_argument("file")
-    c.add_argument("--tariff", required=True)
+    deck_owner(c)
+    c.add_argument("--from", dest="starts", metavar="'YYYY-MM-DD HH:MM'",
+                   help="when the deck takes effect, in UTC (default: now)")
+    c = command("list", rate_list, "the rates in force, now or at a moment", under=rates)
+    deck_owner(c)
+    c.add_argument("--prefix", default="")
+    c.add_argument("--at", metavar="'YYYY-MM-DD HH:MM'", help="the deck in force then (UTC)")
+    c.add_argument("--csv", action="store_true", help="print CSV, as rate import reads it")
+    trunk = sub.add_parser("trunk", help="carriers for least-cost routing")
+    trunks = trunk.add_subparsers(dest="action", required=True, metavar="ACTION")
+    c = command("add", trunk_add, "add a trunk, dialled as TEMPLATE", under=trunks)
+    c.add_argument("name")
+    c.add_argument("--dial", required=True, metavar="TEMPLATE",
+                   help="Dial string with {number}, e.g. SIP/carrier-a/{number}")
+    command("list", trunk_list, "every trunk", under=trunks)
+    for name, run, text in (("disable", trunk_disable, "stop routing calls over a trunk"),
+                            ("enable", trunk_enable, "route calls over a trunk again"),
+                            ("remove", trunk_remove, "remove a trunk and its rates")):
+        command(name, run, text, json_out=False, under=trunks).add_argument("name")
+    c = command("route", route, "what a call to NUMBER would get now: status, time, rate,"
+                " trunks in dial order")
+    c.add_argument("number")
+    c.add_argument("--account", required=True)
     command("calls", calls, "calls in progress (open reservations)")
     c = command("cdr", cdr, "call detail records")
     c.add_argument("--account")
@@ -81,6 +116,19 @@ def parser():
     command("sweep", sweep, "settle or release reservations of calls that must be over")
     command("audit", audit, "check balances against the ledger; exit 1 on any mismatch")
     return p
+
+
+def limits(c, default="0"):
+    c.add_argument("--credit-limit", default=default, metavar="AMOUNT",
+                   help="postpaid: the balance may go this far below zero")
+    c.add_argument("--max-calls", default=default, metavar="N",
+                   help="calls in progress at most (0: no cap)")
+
+
+def deck_owner(c):
+    owner = c.add_mutually_exclusive_group(required=True)
+    owner.add_argument("--tariff", help="a tariff: what callers pay")
+    owner.add_argument("--trunk", help="a trunk: what its carrier charges")
 
 
 # -- commands ------------------------------------------------------------------
@@ -100,11 +148,40 @@ def account_add(store, settings, args):
     balance = D(args.balance)
     if balance < 0:
         raise AdminError("opening balance must not be negative")
+    credit_limit, max_calls = checked_limits(args)
     try:
-        write(settings, lambda tx: tx.add_account(account, tariff, balance, timestamp()))
+        write(settings, lambda tx: tx.add_account(account, tariff, balance, timestamp(),
+                                                  credit_limit, max_calls))
     except Conflict:
         raise AdminError(f"account {account} exists") from None
     account_show(store, settings, args)
+
+
+def account_set(store, settings, args):
+    changes = {}
+    if args.tariff is not None:
+        changes["tariff"] = checked_name(args.tariff, "tariff", 40)
+    if args.credit_limit is not None:
+        changes["credit_limit"] = checked_limits(args)[0]
+    if args.max_calls is not None:
+        changes["max_calls"] = checked_limits(args)[1]
+    if not changes:
+        raise AdminError("nothing to change: give --tariff, --credit-limit or --max-calls")
+    try:
+        write(settings, lambda tx: tx.set_account(args.account, changes))
+    except NotFound:
+        raise AdminError(f"no account {args.account!r}") from None
+    account_show(store, settings, args)
+
+
+def checked_limits(args):
+    credit_limit = D(args.credit_limit or "0")
+    if credit_limit < 0:
+        raise AdminError("credit limit must not be negative")
+    text = args.max_calls or "0"
+    if not (text.isascii() and text.isdigit()) or int(text) > 10000:
+        raise AdminError(f"max calls must be a whole number from 0 to 10000: {text!r}")
+    return credit_limit, int(text)
 
 
 def account_show(store, settings, args):
@@ -130,11 +207,124 @@ def topup(store, settings, args):
 
 
 def rate_import(store, settings, args):
-    tariff = checked_name(args.tariff, "tariff", 40)
-    rates = read_rates(args.file, tariff)
-    write(settings, lambda tx: tx.replace_tariff(tariff, rates))
-    result = {"tariff": tariff, "imported": len(rates)}
-    print(json.dumps(result) if args.json else f"imported {len(rates)} rates into tariff {tariff}")
+    kind, name = owner(args)
+    rows = read_rates(args.file, name)
+    if kind == "trunk" and not any(t[0] == name for t in store.read(lambda tx: tx.trunks())):
+        raise AdminError(f"no trunk {name!r} (astbill-admin trunk add {name} --dial ...)")
+    if args.starts:
+        starts = moment(args.starts, "--from")
+    elif store.read(lambda tx: tx.has_deck(kind, name)):
+        starts = timestamp()
+    else:
+        starts = ALWAYS  # a first deck prices every call, however old
+    write(settings, lambda tx: tx.import_deck(kind, name, starts, rows, timestamp()))
+    prefixes = len({r.rate.prefix for r in rows})
+    result = {kind: name, "imported": prefixes, "rows": len(rows), "from": starts}
+    print(json.dumps(result) if args.json else f"imported {prefixes} rates into {kind} {name}"
+          + (f", in force from {starts}" if args.starts else ""))
+
+
+def rate_list(store, settings, args):
+    kind, name = owner(args)
+    at = moment(args.at, "--at") if args.at else timestamp()
+    found = store.read(lambda tx: tx.deck_rows(kind, name, at, args.prefix))
+    if found is None:
+        raise AdminError(f"{kind} {name!r} has no rates in force at {at}")
+    places = settings["decimals"]
+    rows = [{"prefix": p, "destination": d, "rate": fmt(r, places), "connect_fee": fmt(f, places),
+             "min_secs": m, "increment": i, "days": format_days(days),
+             "hours": format_hours(start, end)}
+            for p, d, days, start, end, r, f, m, i in found[1]]
+    columns = ["prefix", "destination", "rate", "connect_fee", "min_secs", "increment",
+               "days", "hours"]
+    if args.csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return
+    output(rows, args.json, columns)
+
+
+def owner(args):
+    """('tariff' or 'trunk', name) of --tariff/--trunk."""
+    if args.trunk is not None:
+        return "trunk", checked_name(args.trunk, "trunk", 40)
+    return "tariff", checked_name(args.tariff, "tariff", 40)
+
+
+def moment(text, option):
+    """'YYYY-MM-DD HH:MM[:SS]' (UTC) as stored, or a one-line refusal."""
+    import time
+    for form in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d"):
+        try:
+            return time.strftime("%Y-%m-%d %H:%M:%S", time.strptime(text.strip(), form))
+        except ValueError:
+            continue
+    raise AdminError(f"{option} must look like 'YYYY-MM-DD HH:MM' (UTC): {text!r}")
+
+
+def trunk_add(store, settings, args):
+    name = checked_name(args.name, "trunk", 40)
+    try:
+        config.check_dial(args.dial, "--dial")
+    except config.ConfigError as exc:
+        raise AdminError(str(exc)) from None
+    try:
+        write(settings, lambda tx: tx.add_trunk(name, args.dial, timestamp()))
+    except Conflict:
+        raise AdminError(f"trunk {name!r} exists") from None
+    trunk_list(store, settings, args)
+
+
+def trunk_list(store, settings, args):
+    rows = [{"name": n, "dial": d, "enabled": bool(e), "rates_since": None if s is None else str(s)}
+            for n, d, e, s in store.read(lambda tx: tx.trunks())]
+    output(rows, args.json, ["name", "dial", "enabled", "rates_since"])
+
+
+def trunk_disable(store, settings, args):
+    change_trunk(settings, args.name, enabled=False)
+
+
+def trunk_enable(store, settings, args):
+    change_trunk(settings, args.name, enabled=True)
+
+
+def trunk_remove(store, settings, args):
+    change_trunk(settings, args.name, remove=True)
+
+
+def change_trunk(settings, name, **change):
+    try:
+        write(settings, lambda tx: tx.set_trunk(name, **change))
+    except NotFound:
+        raise AdminError(f"no trunk {name!r}") from None
+
+
+def route(store, settings, args):
+    number = normalize_destination(args.number, settings["international_prefix"],
+                                   settings["national_prefix"], settings["country_code"])
+    if number is None:
+        raise AdminError(f"not a number to dial: {args.number!r}")
+    answer, rate = ledger.quote(settings, store, args.account, number)
+    places = settings["decimals"]
+    result = {"number": number, "status": answer.status, "max_secs": answer.max_secs,
+              "rate": None if rate is None else {
+                  "prefix": rate.prefix, "rate": fmt(rate.per_min, places),
+                  "connect_fee": fmt(rate.connect_fee, places), "min_secs": rate.min_secs,
+                  "increment": rate.increment},
+              "trunks": [{"name": r.trunk, "dial": r.dial_string(number),
+                          "rate": fmt(r.rate.per_min, places),
+                          "connect_fee": fmt(r.rate.connect_fee, places)} for r in answer.routes]}
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{number}: {answer.status}, {answer.max_secs} s")
+    if rate is not None:
+        print(f"rate: prefix {rate.prefix}, {result['rate']['rate']}/min, connect fee"
+              f" {result['rate']['connect_fee']}, {rate.min_secs}/{rate.increment}")
+    for r in result["trunks"]:
+        print(f"trunk {r['name']}: {r['dial']}, {r['rate']}/min, connect fee {r['connect_fee']}")
 
 
 def calls(store, settings, args):
@@ -149,7 +339,9 @@ def cdr(store, settings, args):
     places = settings["decimals"]
     rows = store.read(lambda tx: tx.cdrs(args.account))
     for row in rows:
-        for key in ("rate", "connect_fee", "cost"):
+        row["margin"] = (None if row["buy_cost"] is None or row["cost"] is None
+                         else row["cost"] - row["buy_cost"])
+        for key in ("rate", "connect_fee", "cost", "buy_cost", "margin"):
             if row[key] is not None:
                 row[key] = fmt(row[key], places)
     if args.csv:
@@ -205,8 +397,9 @@ def checked_name(value, what, longest):
 def show_accounts(rows, settings, as_json, single=False):
     places = settings["decimals"]
     records = [{"account": a, "tariff": t, "balance": fmt(b, places),
-                "reserved": fmt(r, places), "available": fmt(b - r, places), "calls": n}
-               for a, t, b, r, n in rows]
+                "reserved": fmt(r, places), "credit_limit": fmt(c, places),
+                "available": fmt(b + c - r, places), "max_calls": m, "calls": n}
+               for a, t, b, r, c, m, n in rows]
     if single and as_json:
         print(json.dumps(records[0]))
         return

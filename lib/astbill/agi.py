@@ -119,6 +119,20 @@ class Channel:
             line = self._readline()
         return parse_reply(line)
 
+    def before_dial(self, variable=None):
+        """What a call needs from its channel before the Dial, in one round
+        trip: (ms the caller has been answered, or None if it is not;
+        CHANNEL(linkedid); ${variable})."""
+        wanted = "${CHANNEL(state)}|${CDR(billsec,f)}|${CHANNEL(linkedid)}"
+        state, up_secs, linkedid, value = (self.get_full(
+            wanted + ("|${%s}" % variable if variable else "")).split("|", 3) + [""] * 3)[:4]
+        return (seconds_to_ms(up_secs) if state == "Up" else None), linkedid, value
+
+    def caller_id(self):
+        """(number, name) of the caller; Asterisk writes 'unknown' for absent ones."""
+        return tuple("" if self.env.get(key, "") == "unknown" else self.env.get(key, "")
+                     for key in ("agi_callerid", "agi_calleridname"))
+
     def get(self, name):
         """A channel variable's value; None when it was never set."""
         reply = self.command(f"GET VARIABLE {name}")

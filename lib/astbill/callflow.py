@@ -8,7 +8,7 @@ Asterisk.
 import time
 
 from . import ledger
-from .agi import AGIError, Hangup, answered_ms, seconds_to_ms
+from .agi import AGIError, Hangup, answered_ms
 from .ledger import INVALID, NOACCOUNT, OK, CallRecord, valid_uniqueid
 from .money import fmt
 from .rating import normalize_destination
@@ -23,13 +23,10 @@ class Refused(Exception):
 
 
 def handle(channel, settings, target=None):
-    """Bill one call on ``channel`` to ``target`` (default: the extension).
-
-    The dialplan learns the outcome from ASTBILL_STATUS, and Asterisk's log
-    gets one line.  Returns the ledger's Settlement once the call has ended.
-    A closed AGI pipe (Hangup) or nonsense from Asterisk (AGIError) before
-    the Dial escapes, for main to report.
-    """
+    """Bill one call on ``channel`` to ``target`` (default: the extension):
+    ASTBILL_STATUS and one line in Asterisk's log say how it went.  Returns
+    the ledger's Settlement once the call has ended; a closed pipe (Hangup)
+    or nonsense (AGIError) before the Dial escapes, for main to report."""
     try:
         call, up_before = identify(channel, settings, target)
     except Refused as refusal:
@@ -40,7 +37,7 @@ def handle(channel, settings, target=None):
     if grant.how == "let through":
         log(channel, f"{call.uniqueid} {grant.reason}")
     try:
-        dial(channel, call, settings, up_before)
+        connect(channel, call, settings, grant.routes, up_before)
     except (Hangup, AGIError) as exc:
         # Dial may have run, but Asterisk can no longer say how it went: the
         # call stays for the sweep, which knows the longest it could last.
@@ -51,6 +48,8 @@ def handle(channel, settings, target=None):
     else:
         channel.set("ASTBILL_COST", fmt(settlement.cost, settings["decimals"]))
         channel.set("ASTBILL_BILLSEC", settlement.billsec)
+        if call.trunk:
+            channel.set("ASTBILL_TRUNK", call.trunk)
     return settlement
 
 
@@ -63,16 +62,12 @@ def identify(channel, settings, target=None):
         raise Refused(INVALID, f"bad uniqueid {uniqueid[:40]!r}")
     source = settings["account_source"]
     variable = source[9:] if source.startswith("variable:") else None
-    # One round trip for all we need from the channel before dialling.
-    wanted = "${CHANNEL(state)}|${CDR(billsec,f)}|${CHANNEL(linkedid)}"
-    state, up_secs, linkedid, account_var = (
-        channel.get_full(wanted + ("|${%s}" % variable if variable else "")).split("|", 3) + [""] * 3)[:4]
-    up_before = (seconds_to_ms(up_secs), time.monotonic()) if state == "Up" else None
-    if up_before and not up_before[0]:
+    up_ms, linkedid, account_var = channel.before_dial(variable)
+    up_before = None if up_ms is None else (up_ms, time.monotonic())
+    if up_ms == 0:
         log(channel, f"{uniqueid} answered before the Dial, but CDR(billsec,f) is"
                      " unavailable: the time before the Dial will be billed")
-
-    callerid = known(env.get("agi_callerid", ""))
+    callerid, name = channel.caller_id()
     account = account_var if variable else (
         callerid if source == "callerid" else env.get("agi_accountcode", ""))
     if not account:
@@ -85,7 +80,6 @@ def identify(channel, settings, target=None):
     if number is None:
         raise Refused(INVALID, f"bad destination {dialled[:40]!r}")
 
-    name = known(env.get("agi_calleridname", ""))
     call = CallRecord(
         uniqueid=uniqueid, account=account, number=number, started=int(time.time()),
         clid=f'"{name}" <{callerid}>'[:80], src=callerid[:80],
@@ -94,21 +88,26 @@ def identify(channel, settings, target=None):
     return call, up_before
 
 
-def known(value):
-    """Asterisk writes 'unknown' for an absent caller ID."""
-    return "" if value == "unknown" else value
-
-
-def dial(channel, call, settings, up_before):
-    """Dial with the granted limit enforced by Asterisk; record on ``call``
-    how it ended.  A call that never reached the Dial ends as CANCEL."""
+def connect(channel, call, settings, routes, up_before):
+    """Dial with the granted limit enforced by Asterisk, trunk after trunk
+    while one is unavailable or congested; record on ``call`` how it ended
+    (CANCEL if it never reached a Dial)."""
     try:
         channel.set("ASTBILL_STATUS", OK)
         channel.set("ASTBILL_MAXSECS", call.max_secs)
-        if channel.hungup:
-            return call.end("CANCEL", 0)
     except (Hangup, AGIError):
         return call.end("CANCEL", 0)  # never dialled: released at once
+    for route in routes or [None]:
+        if route is not None:
+            call.trunk, call.dial = route.trunk, route.dial_string(call.number)
+        if channel.hungup or not dial(channel, call, settings, up_before):
+            return call.end("CANCEL", 0)
+        if call.dialstatus not in ("CHANUNAVAIL", "CONGESTION"):
+            return
+
+
+def dial(channel, call, settings, up_before):
+    """One Dial; False if it could not even be sent."""
     # The caller's channel keeps counting up until the Dial starts.
     before_ms = up_before[0] + int((time.monotonic() - up_before[1]) * 1000) if up_before else 0
     try:
@@ -116,7 +115,7 @@ def dial(channel, call, settings, up_before):
     except Hangup as exc:
         if exc.sent:
             raise
-        return call.end("CANCEL", 0)
+        return False
     # Dial's result is -1 after every answered call without the g option,
     # and after a caller hangup; DIALSTATUS says what happened.
     fields = channel.get_full("${DIALSTATUS}|${ANSWEREDTIME_MS}|${ANSWEREDTIME}|"
@@ -129,6 +128,7 @@ def dial(channel, call, settings, up_before):
     # ANSWEREDTIME counts from the caller's answer: a caller answered before
     # the Dial (IVR, PIN prompt) must not pay for that time.
     call.end(dialstatus, answered_ms(up_ms, up_s, billsec_f) - before_ms, peer)
+    return True
 
 
 def dial_args(call, settings):

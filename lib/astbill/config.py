@@ -40,6 +40,9 @@ DEFAULTS = {
     "database_password_env": "",
     "mysql_driver": "auto",
     "tariffs": {},
+    "timezone": "UTC",
+    "lcr_allow_loss": False,
+    "lcr_max_trunks": 3,
 }
 _TYPES = {
     "database": str, "account_source": str, "international_prefix": str,
@@ -49,14 +52,15 @@ _TYPES = {
     "db_error_allow_secs": int, "spool_dir": str, "spool_fallback_dir": str,
     "connect_timeout_secs": int, "sweep_grace_secs": int,
     "sweep_policy": str, "asterisk_cdr_table": str, "database_password_env": str,
-    "mysql_driver": str, "tariffs": dict,
+    "mysql_driver": str, "tariffs": dict, "timezone": str, "lcr_allow_loss": bool,
+    "lcr_max_trunks": int,
 }
 _CHOICES = {"on_db_error": ("refuse", "allow"), "sweep_policy": ("release", "charge"),
             "mysql_driver": ("auto", "mysqlclient", "pymysql")}
 _RANGES = {"max_call_secs": (1, 86400), "ring_timeout": (1, 600),
            "warning_secs": (0, 3600), "decimals": (0, 6),
            "lock_wait_secs": (1, 60), "db_error_allow_secs": (1, 600),
-           "connect_timeout_secs": (1, 30),
+           "connect_timeout_secs": (1, 30), "lcr_max_trunks": (1, 10),
            "sweep_grace_secs": (0, 86400)}
 
 
@@ -119,7 +123,7 @@ def check(raw, path="config"):
         if key == "database" and urls is not None:
             continue
         value = settings[key]
-        if not isinstance(value, kind) or isinstance(value, bool):
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise ConfigError(f"{path}: {key} must be {kind.__name__}, not {type(value).__name__}")
         if key in _CHOICES and value not in _CHOICES[key]:
             raise ConfigError(f"{path}: {key} must be one of {', '.join(_CHOICES[key])}")
@@ -138,6 +142,13 @@ def check(raw, path="config"):
                 connect_args(url)
             except ValueError as exc:
                 raise ConfigError(f"{path}: {exc}") from None
+    if settings["timezone"] != "UTC":
+        try:
+            from zoneinfo import ZoneInfo
+            ZoneInfo(settings["timezone"])
+        except (KeyError, ValueError, OSError):  # ZoneInfoNotFoundError is a KeyError
+            raise ConfigError(f"{path}: timezone must be an IANA name such as Europe/Berlin,"
+                              f" not {settings['timezone']!r}") from None
     from .ledger import settle_time_bound
     bound = settle_time_bound(settings)
     if settings["sweep_grace_secs"] < bound:
@@ -157,12 +168,13 @@ def check(raw, path="config"):
     for name, tariff in settings["tariffs"].items():
         if not isinstance(tariff, dict) or set(tariff) - {"dial"} or not isinstance(tariff.get("dial", ""), str):
             raise ConfigError(f"{path}: tariffs.{name} may only set dial (a string)")
-        _check_dial(tariff.get("dial"), f"{path}: tariffs.{name}.dial")
-    _check_dial(settings["dial"], f"{path}: dial")
+        check_dial(tariff.get("dial"), f"{path}: tariffs.{name}.dial")
+    check_dial(settings["dial"], f"{path}: dial")
     return settings
 
 
-def _check_dial(template, where):
+def check_dial(template, where):
+    """A Dial template: {number} once or more, nothing else in braces."""
     if template is None:
         return
     if '"' in template or "\n" in template:

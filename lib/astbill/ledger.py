@@ -17,11 +17,12 @@ import time
 
 from .config import dial_string
 from .money import D
-from .rating import Rate, prefixes_of
+from .rating import Clock, Plan, Rate, prefixes_of
+from .rating.routes import Route, order_routes
 from .store import Busy, Conflict, StoreError, open_store
 
-OK, NOFUNDS, NORATE, NOACCOUNT, INVALID, ERROR = (
-    "OK", "NOFUNDS", "NORATE", "NOACCOUNT", "INVALID", "ERROR")
+OK, NOFUNDS, NORATE, NOROUTE, MAXCALLS, NOACCOUNT, INVALID, ERROR = (
+    "OK", "NOFUNDS", "NORATE", "NOROUTE", "MAXCALLS", "NOACCOUNT", "INVALID", "ERROR")
 
 # What Asterisk's CDR calls each DIALSTATUS.
 DISPOSITION = {"ANSWER": "ANSWERED", "BUSY": "BUSY", "NOANSWER": "NO ANSWER",
@@ -35,6 +36,9 @@ DISPOSITION = {"ANSWER": "ANSWERED", "BUSY": "BUSY", "NOANSWER": "NO ANSWER",
 AUTHORIZE_TRIES = 5
 SETTLE_TRIES = 3
 SETTLE_PAUSE_SECS = 0.5   # times the try number, between settlement tries
+# A call may be answered this long after its authorization, beyond the ring
+# timeout: the Dial is sent, the trunk takes its time to set up.
+ANSWER_SLACK_SECS = 10
 
 
 def timestamp(epoch=None):
@@ -59,9 +63,10 @@ class CallRecord:
         "uniqueid": str, "account": str, "number": str, "started": int,
         "clid": str, "src": str, "dcontext": str, "channel": str,
         "accountcode": str, "linkedid": str,
-        # what was granted: the whole Dial string, the limit, and whether
-        # the call was let through a database outage (billed afterwards)
-        "dial": str, "max_secs": int, "late": bool,
+        # what was granted: the whole Dial string (of the trunk dialled
+        # last, if any), the limit, and whether the call was let through a
+        # database outage (billed afterwards)
+        "dial": str, "trunk": str, "max_secs": int, "late": bool,
         # how it ended (ended = 0 while it has not)
         "dialstatus": str, "talk_ms": int, "duration": int, "dstchannel": str, "ended": int,
     }
@@ -119,13 +124,14 @@ class Grant:
     """The answer to an authorization: ``how`` it went (authorized, let
     through, refused, busy, outage), ``status`` for ASTBILL_STATUS, the
     seconds granted, and a one-line reason for Asterisk's log."""
-    __slots__ = ("how", "status", "max_secs", "reason")
+    __slots__ = ("how", "status", "max_secs", "reason", "routes")
 
-    def __init__(self, how, status, max_secs=0, reason=""):
+    def __init__(self, how, status, max_secs=0, reason="", routes=None):
         self.how = how
         self.status = status
         self.max_secs = max_secs
         self.reason = reason
+        self.routes = routes or []  # trunks in dial order; none: the dial template
 
 
 class Settlement:
@@ -172,8 +178,8 @@ def settle(settings, call):
     """
     def work(store):
         if call.late:
-            return bill_late(store, call, settings["decimals"])
-        return settle_call(store, call, settings["decimals"])
+            return bill_late(store, call, settings)
+        return settle_call(store, call, settings)
     try:
         return attempt(settings, work, SETTLE_TRIES, settling=True)
     except StoreError as exc:
@@ -235,52 +241,118 @@ def let_through(settings, call, outage):
 
 # -- the transactions ------------------------------------------------------------
 
-def find_rate(store, call):
-    """The rate for the call's number in its account's tariff, or a refusal
-    status (NOACCOUNT, NORATE): a missing rate is never a free call."""
-    found = store.read(lambda tx: tx.account_rate(call.account, prefixes_of(call.number)))
-    if found is None:
-        return NOACCOUNT
-    tariff, row = found
-    if row is None:
-        return NORATE
-    return Rate(tariff, *row)
-
-
 def reserve(store, call, settings):
-    """Lock the account, grant what its free balance covers, and record the
-    reservation and the first half of the CDR -- or refuse."""
-    rate = find_rate(store, call)
-    if not isinstance(rate, Rate):
-        return Grant("refused", rate, reason=f"account {call.account} to {call.number}")
-    places = settings["decimals"]
-    call.dial = dial_string(settings, rate.tariff, call.number)
+    """Rate the call and choose its trunks, then lock the account, grant
+    what its money covers, and record the reservation and the first half of
+    the CDR -- or refuse."""
+    priced = price(store, call, settings)
+    if isinstance(priced, Grant):
+        return priced
+    sell, routes = priced
 
     def work(tx):
         locked = tx.lock_account(call.account)
         if locked is None:
             return Grant("refused", NOACCOUNT, reason=f"account {call.account}")
-        balance, reserved = locked
-        max_secs = rate.max_secs(balance - reserved, settings["max_call_secs"], places)
+        balance, reserved, credit_limit, max_calls, calls = locked
+        if max_calls and calls >= max_calls:
+            return Grant("refused", MAXCALLS, reason=f"account {call.account} has {calls} calls"
+                                                     f" in progress, its cap")
+        max_secs, max_cost = grant(sell, call, balance + credit_limit - reserved, settings)
         if max_secs <= 0:
             return Grant("refused", NOFUNDS, reason=f"account {call.account} to {call.number}")
         call.max_secs = max_secs
-        tx.add_reservation(call.uniqueid, call.account, rate.cost(max_secs, True, places), max_secs)
-        tx.open_cdr(dict(call.cdr(), **rate_columns(rate), state="active"))
-        return Grant("authorized", OK, max_secs)
+        tx.add_reservation(call.uniqueid, call.account, max_cost, max_secs)
+        tx.open_cdr(dict(call.cdr(), **rate_columns(sell.rate_at(call.started)), state="active"))
+        return Grant("authorized", OK, max_secs, routes=routes)
 
-    grant = store.atomic(work)
+    answer = store.atomic(work)
     note_lock_wait(call, store.lock_waited)
-    return grant
+    return answer
 
 
-def settle_call(store, call, places, policy=None):
+def price(store, call, settings):
+    """(sell Plan, routes) of the call -- its tariff's rates for the number
+    and the trunks to dial, as ``find_routes`` -- or a refusing Grant.
+    Sets the call's first Dial string."""
+    at, prefixes = timestamp(call.started), prefixes_of(call.number)
+    found = store.read(lambda tx: tx.account_prices(call.account, prefixes, at))
+    if found is None:
+        return Grant("refused", NOACCOUNT, reason=f"account {call.account}")
+    tariff, rows = found
+    if not rows:
+        return Grant("refused", NORATE, reason=f"account {call.account} to {call.number}")
+    sell = plan(rows, tariff, settings)
+    routes = find_routes(store, prefixes, call.started, sell.rate_at(call.started), settings)
+    if routes == []:
+        return Grant("refused", NOROUTE, reason=f"no trunk carries {call.number}")
+    if routes:
+        call.trunk, call.dial = routes[0].trunk, routes[0].dial_string(call.number)
+    else:
+        call.dial = dial_string(settings, tariff, call.number)
+    return sell, routes
+
+
+def grant(sell, call, available, settings):
+    """(max_secs, max_cost) for ``available`` money: see Plan.grant."""
+    return sell.grant(call.started, settings["ring_timeout"] + ANSWER_SLACK_SECS, available,
+                      settings["max_call_secs"], settings["decimals"])
+
+
+def quote(settings, store, account, number):
+    """What a call to ``number`` on ``account`` would get now, reserving
+    nothing: (Grant, sell Rate in force or None)."""
+    call = CallRecord(uniqueid="quote", account=account, number=number, started=int(time.time()))
+    priced = price(store, call, settings)
+    if isinstance(priced, Grant):
+        return priced, None
+    sell, routes = priced
+    rate = sell.rate_at(call.started)
+    rows = store.read(lambda tx: tx.accounts(account))
+    if not rows:
+        return Grant("refused", NOACCOUNT, reason=f"account {account}"), rate
+    _, _, balance, reserved, credit_limit, max_calls, calls = rows[0]
+    if max_calls and calls >= max_calls:
+        return Grant("refused", MAXCALLS, reason=f"account {account} is at its cap"), rate
+    max_secs, _ = grant(sell, call, balance + credit_limit - reserved, settings)
+    if max_secs <= 0:
+        return Grant("refused", NOFUNDS, reason=f"account {account} to {number}", routes=routes), rate
+    return Grant("authorized", OK, max_secs, routes=routes), rate
+
+
+def plan(rows, owner, settings):
+    """The Plan of one prefix's price rows (store.Tx._longest)."""
+    return Plan([(days, start, end, Rate(owner, prefix, destination, per_min, fee, least, inc))
+                 for prefix, destination, days, start, end, per_min, fee, least, inc in rows],
+                clock(settings["timezone"]))
+
+
+def clock(timezone, _clocks={}):
+    """One Clock per timezone and process: a timezone is read once."""
+    if timezone not in _clocks:
+        _clocks[timezone] = Clock(timezone)
+    return _clocks[timezone]
+
+
+def find_routes(store, prefixes, now, sell_rate, settings):
+    """The trunks to dial, cheapest now first; None when no trunk is defined
+    at all (the dial templates apply), [] when none can carry the number."""
+    trunks = store.read(lambda tx: tx.trunk_prices(prefixes, timestamp(now)))
+    if not trunks:
+        return None
+    usable = [Route(name, dial, plan(rows, name, settings).rate_at(now))
+              for name, (dial, enabled, rows) in trunks.items() if enabled and rows]
+    return order_routes(usable, sell_rate, settings["lcr_allow_loss"], settings["lcr_max_trunks"])
+
+
+def settle_call(store, call, settings, policy=None):
     """Charge the call's real cost, complete its CDR, drop its reservation.
 
     The sweep settles calls nobody is left to report on with a ``policy``:
     "release" charges nothing, "charge" the reserved amount.
     """
     state, kind = RESOLUTION[policy]
+    places = settings["decimals"]
 
     def work(tx):
         terms = tx.call_terms(call.uniqueid)
@@ -291,15 +363,23 @@ def settle_call(store, call, places, policy=None):
             # waited for: read what it charged as committed, not as first seen.
             cost, billsec = tx.final_charge(call.uniqueid)
             return Settlement("repeated", cost, billsec)
-        rate = Rate(terms["tariff"], terms["prefix"], "", terms["rate"],
-                    terms["connect_fee"], terms["min_secs"], terms["increment"])
         if policy == "charge":
             billsec, cost = terms["max_secs"], terms["max_cost"]
         elif policy == "release":
             billsec, cost = 0, D(0)
         else:
-            billsec, cost = charge_for(rate, call, terms["max_secs"], places)
-        complete(tx, call, terms["account"], billsec, cost, state, kind, release=terms["max_cost"])
+            rows = tx.tariff_prices(terms["tariff"], terms["prefix"], terms["start"])
+            sell = plan(rows, terms["tariff"], settings) if rows else Plan(
+                [(127, 0, 1440, Rate(terms["tariff"], terms["prefix"], "", terms["rate"],
+                                     terms["connect_fee"], terms["min_secs"],
+                                     terms["increment"]))], clock("UTC"))
+            billsec, cost = charge_for(sell, call, terms["max_secs"], places)
+            # Never more than was reserved: only an answer outside the
+            # ring window could make a dearer period's price exceed it.
+            cost = min(cost, terms["max_cost"])
+        buy = buy_cost(tx, call, terms, billsec, settings) if policy is None else None
+        complete(tx, call, terms["account"], billsec, cost, state, kind,
+                 release=terms["max_cost"], buy_cost=buy)
         return Settlement("settled", cost, billsec)
 
     return store.atomic(work)
@@ -309,7 +389,20 @@ RESOLUTION = {None: ("settled", "call"), "release": ("released", "reaper"),
               "charge": ("charged", "reaper")}
 
 
-def bill_late(store, call, places, policy=None):
+def buy_cost(tx, call, terms, billsec, settings):
+    """What the trunk that carried the call charges for it: its own deck
+    (in force when the call was authorized), rates and increments."""
+    if not call.trunk or not call.answered:
+        return None
+    found = tx.trunk_prices(prefixes_of(terms["number"]), terms["start"], call.trunk)
+    rows = found.get(call.trunk, (None, None, []))[2]
+    if not rows:
+        return None
+    return plan(rows, call.trunk, settings).cost(answered_at(call), billsec, True,
+                                                 settings["decimals"])
+
+
+def bill_late(store, call, settings, policy=None):
     """Bill a call let through a database outage, without a reservation,
     once the database is back.
 
@@ -321,19 +414,21 @@ def bill_late(store, call, places, policy=None):
     if known is not None and known["state"] == "active":
         # Authorized after all: its commit reached the database, the reply
         # did not.  Settle it as any reserved call.
-        return settle_call(store, call, places)
-    rate = find_rate(store, call)
-    billed = rate if isinstance(rate, Rate) else Rate("", "", "", D(0), D(0), 0, 1)
+        return settle_call(store, call, settings)
+    found = store.read(lambda tx: tx.account_prices(
+        call.account, prefixes_of(call.number), timestamp(call.started)))
+    rated = found is not None and found[1]
+    sell = plan(found[1], found[0], settings) if rated else Plan(
+        [(127, 0, 1440, Rate("", "", "", D(0), D(0), 0, 1))], clock("UTC"))
 
     def work(tx):
         terms = tx.call_terms(call.uniqueid)
         if terms is not None:
             return Settlement("repeated", terms["cost"], terms["billsec"])
-        tx.open_cdr(dict(call.cdr(), **rate_columns(billed), state="active"))
-        billsec, cost = charge_for(billed, call, call.max_secs, places)
+        tx.open_cdr(dict(call.cdr(), **rate_columns(sell.rate_at(call.started)), state="active"))
+        billsec, cost = charge_for(sell, call, call.max_secs, settings["decimals"])
         state, kind = RESOLUTION[policy] if policy else ("late", "call")
-        complete(tx, call, call.account, billsec, cost,
-                 state if billed is rate else "unbilled", kind)
+        complete(tx, call, call.account, billsec, cost, state if rated else "unbilled", kind)
         return Settlement("settled", cost, billsec)
 
     return store.atomic(work)
@@ -345,13 +440,19 @@ def rate_columns(rate):
             "increment": rate.increment}
 
 
-def charge_for(rate, call, max_secs, places):
-    """(billsec, cost) of a call: its talk time, never beyond what was granted."""
+def answered_at(call):
+    """When the callee answered: the call's end less its talk time."""
+    return call.ended - call.talk_ms // 1000
+
+
+def charge_for(sell, call, max_secs, places):
+    """(billsec, cost) of a call: its talk time, never beyond what was
+    granted, priced by the periods in force from its answer on."""
     billsec = min(call.talk_ms // 1000, max_secs) if call.answered else 0
-    return billsec, rate.cost(billsec, call.answered, places)
+    return billsec, sell.cost(answered_at(call), billsec, call.answered, places)
 
 
-def complete(tx, call, account, billsec, cost, state, kind, release=None):
+def complete(tx, call, account, billsec, cost, state, kind, release=None, buy_cost=None):
     """Charge the account (with its ledger row), release the call's
     reservation from it, and complete the CDR."""
     now = timestamp(call.ended)
@@ -361,7 +462,8 @@ def complete(tx, call, account, billsec, cost, state, kind, release=None):
         "answer": timestamp(call.ended - billsec) if billsec else None,
         "end": now, "duration": call.duration, "billsec": billsec,
         "disposition": DISPOSITION.get(call.dialstatus, "FAILED"),
-        "dstchannel": call.dstchannel[:80], "cost": cost, "state": state})
+        "dstchannel": call.dstchannel[:80], "cost": cost, "state": state,
+        "trunk": call.trunk, "lastdata": call.dial[:255], "buy_cost": buy_cost})
 
 
 def note_lock_wait(call, seconds):

@@ -212,13 +212,12 @@ def replay_one(settings, store, paths, report):
         ended, policy = [(call, path)], settings["sweep_policy"]
     else:
         policy = None
-    places = settings["decimals"]
     for call, path in ended:
         try:
             if call.late:
-                ledger.bill_late(store, call, places, policy)
+                ledger.bill_late(store, call, settings, policy)
             else:
-                ledger.settle_call(store, call, places)
+                ledger.settle_call(store, call, settings)
         except UnknownCall as exc:
             set_aside(path, exc)
             report.set_aside += 1
@@ -359,7 +358,7 @@ def sweep_one(settings, store, res, now):
         policy = settings["sweep_policy"]
         call.dialstatus, action = "UNKNOWN", policy + "d"
     call.ended = now
-    result = ledger.settle_call(store, call, settings["decimals"], policy)
+    result = ledger.settle_call(store, call, settings, policy)
     if result.how == "repeated":
         return None  # settled meanwhile, by its call or another sweep
     return {"action": action, "cost": result.cost, "billsec": result.billsec}
@@ -377,8 +376,9 @@ def audit(settings, store):
     for account, reserved, held in store.read(lambda tx: tx.reserved_mismatches()):
         problems.append(f"account {account}: reserved {fmt(reserved, places)}"
                         f" but its calls in progress hold {fmt(held, places)}")
-    for account, balance in store.read(lambda tx: tx.negative_balances()):
-        problems.append(f"account {account}: balance {fmt(balance, places)} is below zero")
+    for account, balance, limit in store.read(lambda tx: tx.overdrawn()):
+        below = f"minus its credit limit {fmt(limit, places)}" if limit else "zero"
+        problems.append(f"account {account}: balance {fmt(balance, places)} is below {below}")
     for uniqueid, cost, charged in store.read(lambda tx: tx.unledgered_charges()):
         what = "no charge" if charged is None else f"a charge of {fmt(charged, places)}"
         problems.append(f"call {uniqueid}: cost {fmt(cost, places)} but the ledger has {what}")

@@ -187,33 +187,65 @@ class Tx:
         return self.run(sql, params).fetchall()
 
     # -- the per-call path ---------------------------------------------------
-    def account_rate(self, account, prefixes):
-        """(tariff, rate row or None) for the longest matching prefix, or None
-        when the account does not exist."""
+    # A deck in force at a moment: the latest of its owner's starting then.
+    DECK_AT = ("d.kind = '{kind}' AND d.name = {owner} AND d.starts = (SELECT MAX(x.starts)"
+               " FROM astdeck x WHERE x.kind = '{kind}' AND x.name = {owner} AND x.starts <= ?)")
+    PRICE = ("p.prefix, p.destination, p.days, p.start_min, p.end_min, p.rate, p.connect_fee,"
+             " p.min_secs, p.increment")
+
+    def account_prices(self, account, prefixes, at):
+        """(tariff, [price rows of the longest matching prefix]) in the
+        tariff's deck in force ``at``; None when the account does not exist."""
         marks = ",".join("?" * len(prefixes))
-        row = self.one(
-            "SELECT a.tariff, r.prefix, r.destination, r.rate, r.connect_fee,"
-            " r.min_secs, r.increment FROM astaccount a LEFT JOIN astrate r"
-            f" ON r.tariff = a.tariff AND r.prefix IN ({marks})"
-            " WHERE a.account = ? ORDER BY LENGTH(r.prefix) DESC LIMIT 1",
-            (*prefixes, account))
-        if row is None:
+        deck = self.DECK_AT.format(kind="tariff", owner="a.tariff")
+        rows = self.all(
+            f"SELECT a.tariff, {self.PRICE} FROM astaccount a LEFT JOIN astdeck d ON {deck}"
+            f" LEFT JOIN astprice p ON p.deck = d.id AND p.prefix IN ({marks})"
+            " WHERE a.account = ?", (at, *prefixes, account))
+        if not rows:
             return None
-        if row[1] is None:
-            return row[0], None
+        return rows[0][0], self._longest([r[1:] for r in rows if r[1] is not None])
+
+    def trunk_prices(self, prefixes, at, trunk=None):
+        """{trunk: (dial, enabled, [price rows of its longest matching
+        prefix])} for every trunk (or the one named), each rated by its deck
+        in force ``at``."""
+        marks = ",".join("?" * len(prefixes))
+        deck = self.DECK_AT.format(kind="trunk", owner="t.name")
+        where = " WHERE t.name = ?" if trunk is not None else ""
+        rows = self.all(
+            f"SELECT t.name, t.dial, t.enabled, {self.PRICE} FROM asttrunk t"
+            f" LEFT JOIN astdeck d ON {deck}"
+            f" LEFT JOIN astprice p ON p.deck = d.id AND p.prefix IN ({marks}){where}",
+            (at, *prefixes) + ((trunk,) if trunk is not None else ()))
+        found = {}
+        for name, dial, enabled, *price in rows:
+            found.setdefault(name, (dial, enabled == 1, []))[2].append(price)
+        return {name: (dial, enabled, self._longest([p for p in prices if p[0] is not None]))
+                for name, (dial, enabled, prices) in found.items()}
+
+    def _longest(self, rows):
+        """The rows of the longest prefix among ``rows``, money as Decimal."""
+        if not rows:
+            return []
+        longest = max(len(r[0]) for r in rows)
         m = self.store.money_out
-        return row[0], (row[1], row[2], m(row[3]), m(row[4]), row[5], row[6])
+        return [(r[0], r[1], r[2], r[3], r[4], m(r[5]), m(r[6]), r[7], r[8])
+                for r in rows if len(r[0]) == longest]
 
     def lock_account(self, account):
-        """(balance, reserved) of the account, locked until the end of the
-        transaction; None if there is no such account."""
-        row = self.one("SELECT balance, reserved FROM astaccount WHERE account = ? {lock}",
-                       (account,))
+        """(balance, reserved, credit limit, call cap, calls in progress) of
+        the account, locked until the end of the transaction; None if there
+        is no such account."""
+        row = self.one("SELECT balance, reserved, credit_limit, max_calls FROM astaccount"
+                       " WHERE account = ? {lock}", (account,))
         # SQLite takes its lock at BEGIN IMMEDIATE, MySQL here: count both.
         self.store.lock_waited = time.monotonic() - self.store.began
         if row is None:
             return None
-        return self.store.money_out(row[0]), self.store.money_out(row[1])
+        calls = self.one("SELECT COUNT(*) FROM astcreditres WHERE account = ?", (account,))[0]
+        m = self.store.money_out
+        return m(row[0]), m(row[1]), m(row[2]), row[3], calls
 
     def add_reservation(self, uniqueid, account, max_cost, max_secs):
         """The reservation row, and its amount added to the account's
@@ -237,7 +269,7 @@ class Tx:
         """What settling a call needs, from its own rows; None if unknown."""
         row = self.one(
             "SELECT c.account, c.tariff, c.prefix, c.rate, c.connect_fee, c.min_secs,"
-            " c.increment, c.max_secs, c.state, c.cost, c.billsec, r.max_cost"
+            " c.increment, c.max_secs, c.state, c.cost, c.billsec, r.max_cost, c.start, c.dst"
             " FROM astcdr c LEFT JOIN astcreditres r ON r.uniqueid = c.uniqueid"
             " WHERE c.uniqueid = ?", (uniqueid,))
         if row is None:
@@ -247,7 +279,15 @@ class Tx:
                 "connect_fee": m(row[4]), "min_secs": row[5], "increment": row[6],
                 "max_secs": row[7], "state": row[8],
                 "cost": None if row[9] is None else m(row[9]), "billsec": row[10],
-                "max_cost": None if row[11] is None else m(row[11])}
+                "max_cost": None if row[11] is None else m(row[11]), "start": str(row[12]),
+                "number": row[13]}
+
+    def tariff_prices(self, tariff, prefix, at):
+        """The price rows of exactly ``prefix`` in ``tariff``'s deck in force ``at``."""
+        deck = self.DECK_AT.format(kind="tariff", owner="?")
+        return self._longest(self.all(
+            f"SELECT {self.PRICE} FROM astdeck d JOIN astprice p ON p.deck = d.id"
+            f" AND p.prefix = ? WHERE {deck}", (prefix, tariff, tariff, at)))
 
     def final_charge(self, uniqueid):
         """(cost, billsec) of a settled call, read with a lock so that it is
@@ -273,37 +313,104 @@ class Tx:
                      " VALUES (?, ?, ?, ?, ?)", (account, m, kind, uniqueid, now))
 
     def close_cdr(self, uniqueid, fields):
-        fields = dict(fields, cost=self.store.money_in(fields["cost"]))
+        m = self.store.money_in
+        fields = dict(fields, cost=m(fields["cost"]),
+                      buy_cost=None if fields.get("buy_cost") is None else m(fields["buy_cost"]))
         sets = ", ".join(f"{name} = ?" for name in fields)
         self.run(f"UPDATE astcdr SET {sets} WHERE uniqueid = ? AND state = 'active'",
                  (*fields.values(), uniqueid))
 
     # -- administration ------------------------------------------------------
-    def add_account(self, account, tariff, balance, now):
-        self.run("INSERT INTO astaccount (account, tariff, balance, created) VALUES (?, ?, ?, ?)",
-                 (account, tariff, self.store.money_in(D(0)), now))
+    def add_account(self, account, tariff, balance, now, credit_limit=D(0), max_calls=0):
+        self.run("INSERT INTO astaccount (account, tariff, balance, credit_limit, max_calls,"
+                 " created) VALUES (?, ?, ?, ?, ?, ?)",
+                 (account, tariff, self.store.money_in(D(0)), self.store.money_in(credit_limit),
+                  max_calls, now))
         self.change_balance(account, balance, "open", None, now)
 
+    def set_account(self, account, changes):
+        """Change ``changes`` ({tariff, credit_limit, max_calls}) of an account."""
+        if "credit_limit" in changes:
+            changes = dict(changes, credit_limit=self.store.money_in(changes["credit_limit"]))
+        sets = ", ".join(f"{name} = ?" for name in changes)
+        if self.run(f"UPDATE astaccount SET {sets} WHERE account = ?",
+                    (*changes.values(), account)).rowcount != 1:
+            raise NotFound(f"no account {account!r}")
+
     def accounts(self, account=None):
-        """[(account, tariff, balance, reserved, live calls)], one or all."""
+        """[(account, tariff, balance, reserved, credit limit, call cap, live
+        calls)], one or all."""
         where = " WHERE a.account = ?" if account is not None else ""
         rows = self.all(
-            "SELECT a.account, a.tariff, a.balance, a.reserved, COUNT(r.uniqueid)"
-            " FROM astaccount a LEFT JOIN astcreditres r ON r.account = a.account"
-            f"{where} GROUP BY a.account, a.tariff, a.balance, a.reserved ORDER BY a.account",
-            () if account is None else (account,))
+            "SELECT a.account, a.tariff, a.balance, a.reserved, a.credit_limit, a.max_calls,"
+            " COUNT(r.uniqueid) FROM astaccount a"
+            f" LEFT JOIN astcreditres r ON r.account = a.account{where}"
+            " GROUP BY a.account, a.tariff, a.balance, a.reserved, a.credit_limit, a.max_calls"
+            " ORDER BY a.account", () if account is None else (account,))
         m = self.store.money_out
-        return [(r[0], r[1], m(r[2]), m(r[3]), r[4]) for r in rows]
+        return [(r[0], r[1], m(r[2]), m(r[3]), m(r[4]), r[5], r[6]) for r in rows]
 
-    def replace_tariff(self, tariff, rates):
-        """Replace every rate of ``tariff`` with ``rates`` (rows of Rate fields)."""
-        self.run("DELETE FROM astrate WHERE tariff = ?", (tariff,))
+    def has_deck(self, kind, name):
+        return self.one("SELECT 1 FROM astdeck WHERE kind = ? AND name = ? LIMIT 1",
+                        (kind, name)) is not None
+
+    def import_deck(self, kind, name, starts, rows, now):
+        """Make ``rows`` (PricedRow) the deck of tariff or trunk ``name``
+        from ``starts`` on, replacing a deck with that very start."""
+        old = self.one("SELECT id FROM astdeck WHERE kind = ? AND name = ? AND starts = ?",
+                       (kind, name, starts))
+        if old is not None:
+            self.run("DELETE FROM astprice WHERE deck = ?", (old[0],))
+            self.run("DELETE FROM astdeck WHERE id = ?", (old[0],))
+        self.run("INSERT INTO astdeck (kind, name, starts, created) VALUES (?, ?, ?, ?)",
+                 (kind, name, starts, now))
+        deck = self.one("SELECT id FROM astdeck WHERE kind = ? AND name = ? AND starts = ?",
+                        (kind, name, starts))[0]
         m = self.store.money_in
         self.cur.executemany(self.store.sql(
-            "INSERT INTO astrate (tariff, prefix, destination, rate, connect_fee, min_secs,"
-            " increment) VALUES (?, ?, ?, ?, ?, ?, ?)"),
-            [(tariff, r.prefix, r.destination, m(r.per_min), m(r.connect_fee), r.min_secs,
-              r.increment) for r in rates])
+            "INSERT INTO astprice (deck, prefix, days, start_min, end_min, destination, rate,"
+            " connect_fee, min_secs, increment) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+            [(deck, r.rate.prefix, r.days, r.start, r.end, r.rate.destination,
+              m(r.rate.per_min), m(r.rate.connect_fee), r.rate.min_secs, r.rate.increment)
+             for r in rows])
+
+    def deck_rows(self, kind, name, at, prefix=None):
+        """(starts, [price rows]) of the deck in force ``at``, every prefix
+        or those starting with ``prefix``; None when there is none."""
+        deck = self.one("SELECT id, starts FROM astdeck WHERE kind = ? AND name = ?"
+                        " AND starts <= ? ORDER BY starts DESC LIMIT 1", (kind, name, at))
+        if deck is None:
+            return None
+        where, params = "", (deck[0],)
+        if prefix:
+            where, params = " AND p.prefix LIKE ?", (deck[0], prefix + "%")
+        m = self.store.money_out
+        rows = self.all(f"SELECT {self.PRICE} FROM astprice p WHERE p.deck = ?{where}"
+                        " ORDER BY p.prefix, p.days DESC, p.start_min", params)
+        return str(deck[1]), [(*r[:5], m(r[5]), m(r[6]), *r[7:]) for r in rows]
+
+    def add_trunk(self, name, dial, now):
+        self.run("INSERT INTO asttrunk (name, dial, enabled, created) VALUES (?, ?, 1, ?)",
+                 (name, dial, now))
+
+    def trunks(self):
+        """[(name, dial, enabled, start of its latest deck)]."""
+        return self.all(
+            "SELECT t.name, t.dial, t.enabled, MAX(d.starts) FROM asttrunk t"
+            " LEFT JOIN astdeck d ON d.kind = 'trunk' AND d.name = t.name"
+            " GROUP BY t.name, t.dial, t.enabled ORDER BY t.name")
+
+    def set_trunk(self, name, enabled=None, remove=False):
+        if remove:
+            self.run("DELETE FROM astprice WHERE deck IN (SELECT id FROM astdeck"
+                     " WHERE kind = 'trunk' AND name = ?)", (name,))
+            self.run("DELETE FROM astdeck WHERE kind = 'trunk' AND name = ?", (name,))
+            changed = self.run("DELETE FROM asttrunk WHERE name = ?", (name,)).rowcount
+        else:
+            changed = self.run("UPDATE asttrunk SET enabled = ? WHERE name = ?",
+                               (int(enabled), name)).rowcount
+        if changed != 1:
+            raise NotFound(f"no trunk {name!r}")
 
     def calls_in_progress(self):
         rows = self.all(
@@ -316,8 +423,8 @@ class Tx:
     CDR_COLUMNS = ("uniqueid", "start", "answer", "end", "clid", "src", "dst", "dcontext",
                    "channel", "dstchannel", "lastapp", "lastdata", "duration", "billsec",
                    "disposition", "accountcode", "account", "tariff", "prefix", "rate",
-                   "connect_fee", "max_secs", "cost", "state")
-    CDR_MONEY = ("rate", "connect_fee", "cost")
+                   "connect_fee", "max_secs", "cost", "state", "trunk", "buy_cost")
+    CDR_MONEY = ("rate", "connect_fee", "cost", "buy_cost")
 
     def cdrs(self, account=None):
         where = " WHERE account = ?" if account is not None else ""
@@ -373,9 +480,11 @@ class Tx:
         m = self.store.money_out
         return [(r[0], m(r[1]), m(r[2])) for r in rows]
 
-    def negative_balances(self):
-        return [(r[0], self.store.money_out(r[1]))
-                for r in self.all("SELECT account, balance FROM astaccount WHERE balance < 0")]
+    def overdrawn(self):
+        """Accounts whose balance is below what their credit limit allows."""
+        m = self.store.money_out
+        return [(r[0], m(r[1]), m(r[2])) for r in self.all(
+            "SELECT account, balance, credit_limit FROM astaccount WHERE balance < -credit_limit")]
 
     def unledgered_charges(self):
         m = self.store.money_out

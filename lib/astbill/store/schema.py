@@ -25,7 +25,8 @@ def statements(store, name):
     """The step's statements in the store's dialect."""
     with open(os.path.join(SQL_DIR, name), encoding="utf-8") as f:
         text = "\n".join(line.split("--", 1)[0] for line in f)
-    return [s.strip().format(**store.dialect) for s in text.split(";") if s.strip()]
+    return [s.strip().format(now=store.now_sql, **store.dialect)
+            for s in text.split(";") if s.strip()]
 
 
 def current_version(store):
