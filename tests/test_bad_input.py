@@ -171,7 +171,7 @@ def test_a_spool_record_that_cannot_be_replayed_is_set_aside(tariff):
 
 @pytest.mark.parametrize("change", [
     {"talk_ms": 5000.0}, {"talk_ms": True}, {"talk_ms": -1}, {"talk_ms": "5000"},
-    {"account": ""}, {"uniqueid": "1.3; DROP TABLE astcdr"}, {"cost": "1.00"}, {"late": 1},
+    {"account": "", "late": True}, {"uniqueid": "1.3; DROP TABLE astcdr"}, {"cost": "1.00"}, {"late": 1},
     {"dial": "x" * 5000},
 ], ids=lambda c: next(iter(c)) + "=" + repr(next(iter(c.values())))[:12])
 def test_a_spool_record_is_checked_like_any_input(change):

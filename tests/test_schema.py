@@ -1,7 +1,9 @@
 """Versioned upgrades: a database made by the first release's schema (kept in
 fixtures/release-1) upgrades with ``astbill-admin init-db`` without losing
 a row, and then bills calls as a new one does."""
+import json
 import os
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -97,3 +99,27 @@ def test_a_new_database_gets_every_step(billing):
     billing.setup_rates(RATES)
     billing.admin_ok("account", "add", "1001", "--balance", "10")
     assert place_call(billing, Scenario(answered_ms=1_000)).variables_set["ASTBILL_COST"] == "0.0600"
+
+
+def test_settlements_spooled_by_the_first_release_are_replayed_after_the_upgrade(release_1):
+    release_1.spool.mkdir()
+    ended = int(time.time())
+    (release_1.spool / "1.2.settle").write_text(json.dumps({
+        "uniqueid": "1.2", "dialstatus": "ANSWER", "talk_ms": 61_000, "duration": 70,
+        "dstchannel": "SIP/trunk-1", "end": ended, "late": None}))
+    (release_1.spool / "1.5.settle").write_text(json.dumps({   # let through an outage
+        "uniqueid": "1.5", "dialstatus": "ANSWER", "talk_ms": 30_000, "duration": 35,
+        "dstchannel": "", "end": ended, "late": {
+            "uniqueid": "1.5", "account": "1001", "number": "4912345678", "started": ended - 35.5,
+            "max_secs": 60, "cdr": {"uniqueid": "1.5", "clid": '"A" <4930111222>',
+                                    "src": "4930111222", "dst": "4912345678", "dcontext": "out",
+                                    "channel": "SIP/a-1", "lastapp": "Dial",
+                                    "accountcode": "1001", "linkedid": "1.5",
+                                    "lastdata": "PJSIP/4912345678@trunk"}}}))
+    release_1.admin_ok("init-db")
+    assert release_1.admin_ok("sweep").splitlines()[0] == (
+        "replayed 2 spooled settlements, set aside 0; swept 0 reservations")
+    assert [(c["uniqueid"], c["state"], c["cost"]) for c in map(release_1.cdr, ("1.2", "1.5"))] == [
+        ("1.2", "settled", Decimal("0.12")), ("1.5", "late", Decimal("0.06"))]
+    assert list(release_1.spool.glob("*.settle")) == []
+    invariants(release_1, {"1001": Decimal("10")})

@@ -107,7 +107,7 @@ class CallRecord:
                 raise ValueError(f"{name} out of range")
             if kind is str and (len(value) > cls.LONGEST.get(name, 255) or "\0" in value):
                 raise ValueError(f"{name} too long")
-        if not valid_uniqueid(data["uniqueid"]) or not data["account"]:
+        if not valid_uniqueid(data["uniqueid"]) or (data["late"] and not data["account"]):
             raise ValueError("bad uniqueid or account")
         return cls(**data)
 

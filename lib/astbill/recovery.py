@@ -24,6 +24,7 @@ from .money import fmt
 from .store import Busy, StoreError
 
 SUFFIX = ".call"
+LEGACY = ".settle"   # the first release's spool files, replayed the same way
 REPEAT = "~"   # UNIQUEID~N.call: a second record of one call (never in a uniqueid)
 BAD = ".bad"
 LOCK = ".replay.lock"
@@ -135,7 +136,7 @@ def records(settings):
         except OSError:
             continue
         for name in names:
-            for ending in (SUFFIX, SUFFIX + BAD):
+            for ending in (SUFFIX, SUFFIX + BAD, LEGACY, LEGACY + BAD):
                 if name.endswith(ending):
                     uniqueid = name[:-len(ending)].split(REPEAT)[0]
                     found.setdefault(uniqueid, []).append(os.path.join(directory, name))
@@ -148,14 +149,35 @@ def read(path):
     with open(path, "rb") as f:
         text = f.read(65536)
     try:
-        return CallRecord.from_dict(json.loads(text))
+        data = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"not JSON: {exc}") from None
+    return CallRecord.from_dict(from_first_release(data) if path.endswith(LEGACY) else data)
+
+
+def from_first_release(data):
+    """A first-release spool record in CallRecord's fields (then checked as any)."""
+    if not isinstance(data, dict) or not {"uniqueid", "dialstatus", "talk_ms", "duration",
+                                           "dstchannel", "end", "late"} <= set(data):
+        raise ValueError("not a first-release spool record")
+    record = {name: kind() for name, kind in CallRecord.FIELDS.items()}
+    record.update(uniqueid=data["uniqueid"], dialstatus=data["dialstatus"],
+                  talk_ms=data["talk_ms"], duration=data["duration"],
+                  dstchannel=data["dstchannel"], ended=data["end"])
+    late = data["late"]
+    if late:  # let through an outage: all that billing it takes
+        cdr = late.get("cdr") or {}
+        record.update(late=True, account=late.get("account"), number=late.get("number"),
+                      started=int(late.get("started", 0)), max_secs=late.get("max_secs"),
+                      dial=cdr.get("lastdata", ""),
+                      **{k: cdr.get(k, "") for k in ("clid", "src", "dcontext", "channel",
+                                                     "accountcode", "linkedid")})
+    return record
 
 
 def pending(settings):
     """Is anything waiting in either spool?"""
-    return any(path.endswith(SUFFIX) for paths in records(settings).values() for path in paths)
+    return any(not path.endswith(BAD) for paths in records(settings).values() for path in paths)
 
 
 def replay(settings, store, wait_secs=0):
