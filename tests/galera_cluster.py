@@ -92,6 +92,17 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
+def _port_free(port: int) -> bool:
+    """Whether nothing listens on 127.0.0.1:``port`` (TIME_WAIT does not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _quote(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
 
@@ -217,10 +228,6 @@ class GaleraCluster:
     # -- public API ----------------------------------------------------------
 
     @property
-    def nodes(self) -> int:
-        return self.size
-
-    @property
     def live(self) -> list[int]:
         """Indexes of the nodes whose server process is running."""
         return [n.index for n in self._nodes if n.proc is not None and n.proc.poll() is None]
@@ -235,8 +242,11 @@ class GaleraCluster:
     def start(self, timeout: float = 120.0) -> float:
         """Bootstrap node 0, then join the others one at a time.
 
-        ``timeout`` bounds each node's start (state transfer included).
-        Returns the seconds taken, from nothing to all nodes Synced.
+        ``timeout`` bounds each node's start (state transfer included); a node
+        that exits raises RuntimeError, one not Synced in time TimeoutError,
+        both with the tail of its error log.  A node whose ports were taken
+        meanwhile is retried on others.  One start per instance.  Returns the
+        seconds taken, from nothing to all nodes Synced.
         """
         missing = [name for name, found in (
             ("mariadbd", self._mariadbd), ("mariadb client", self._client),
@@ -451,12 +461,22 @@ class GaleraCluster:
                "--innodb-buffer-pool-size=32M", "--innodb-log-file-size=16M"]
         log = node.dir / "install.log"
         with open(log, "wb") as out:
+            # A session of its own: on timeout, its bootstrap server goes too.
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, env=self._env(node),
+                                    start_new_session=True)
             try:
-                rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                    env=self._env(node), timeout=timeout).returncode
+                rc = proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
                 raise RuntimeError(f"mariadb-install-db took more than {timeout}s:\n"
                                    f"{_tail(log)}") from None
+            finally:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # anything it left behind
+                except (ProcessLookupError, PermissionError):
+                    pass
         if rc != 0:
             raise RuntimeError(f"mariadb-install-db failed (rc={rc}):\n{_tail(log)}")
         pw = _sql_string(self.password)
@@ -480,11 +500,14 @@ class GaleraCluster:
             try:
                 self._wait_synced(node, timeout)
                 return
-            except RuntimeError as exc:
+            except (RuntimeError, TimeoutError) as exc:
                 log = _tail(node.error_log, 200, node.log_start)
                 self._signal(node, signal.SIGKILL)
                 self._reap(node, 30.0)
-                if "Address already in use" not in log or attempt == 2:
+                taken = "Address already in use" in log or not all(
+                    _port_free(p) for p in (node.port, node.gcomm_port, node.ist_port,
+                                            node.sst_port))
+                if not taken or attempt == 2:
                     raise
                 # Another process took one of our ports meanwhile: take others.
                 node.port, node.gcomm_port, node.ist_port, node.sst_port = _free_ports(4)
@@ -492,7 +515,8 @@ class GaleraCluster:
                 if bootstrap:
                     for other in self._nodes[1:]:
                         self._write_config(other)
-                print(f"galera node {node.index}: port taken, retrying ({exc})")
+                print(f"galera node {node.index}: a port was taken ({str(exc).splitlines()[0]}); "
+                      "retrying on other ports")
 
     def _launch(self, node: _Node, bootstrap: bool) -> None:
         cmd = [self._mariadbd, f"--defaults-file={node.config}"]
@@ -526,7 +550,7 @@ class GaleraCluster:
             if state == "Synced":
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(
+                raise TimeoutError(
                     f"galera node {node.index} not Synced after {timeout}s (state: {state}):\n"
                     f"{_tail(node.error_log, 40, node.log_start)}")
             time.sleep(0.1)
