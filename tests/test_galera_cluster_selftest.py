@@ -12,17 +12,8 @@ import urllib.parse
 
 import pytest
 
-from galera_cluster import GaleraCluster, SQLError, find_galera
+from galera_cluster import FAST_EVICTION, GaleraCluster, SQLError, find_galera
 from mariadb_server import find_mariadbd
-
-# Eviction of a dead node in about two seconds instead of six.  Galera's
-# constraints: keepalive_period <= suspect_timeout/3, inactive_check_period <=
-# suspect_timeout/2, 2*keepalive_period <= install_timeout <= inactive_timeout.
-# install_timeout is set because its default (inactive_timeout/2) was measured
-# too short: the survivors then split into two non-Primary halves for good.
-FAST_EVICTION = ("evs.keepalive_period=PT0.2S;evs.inactive_check_period=PT0.3S;"
-                 "evs.suspect_timeout=PT1S;evs.inactive_timeout=PT3S;"
-                 "evs.install_timeout=PT3S;evs.join_retrans_period=PT0.2S")
 
 
 def _missing() -> list[str]:
