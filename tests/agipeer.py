@@ -552,6 +552,11 @@ class CallHandle:
 
     # -- waiting --------------------------------------------------------------
 
+    @property
+    def finished(self) -> bool:
+        """The script has exited."""
+        return self._proc.poll() is not None
+
     def _remaining(self) -> float:
         return max(0.0, self._deadline - time.monotonic())
 

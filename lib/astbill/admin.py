@@ -416,9 +416,10 @@ def output(rows, as_json, columns):
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
 
 
-def has_password(url):
-    userinfo = url.split("://", 1)[-1].rpartition("@")[0]
-    return ":" in userinfo
+def has_password(database):
+    """Does the database URL (or any of a cluster's) carry a password?"""
+    urls = [database] if isinstance(database, str) else database
+    return any(":" in url.split("://", 1)[-1].rpartition("@")[0] for url in urls)
 
 
 def warn_if_readable(path):

@@ -174,7 +174,9 @@ def settle(settings, call):
     """Charge the ended ``call`` its real cost: a Settlement.
 
     Tried a few times through a short outage or a busy account; then the
-    spool takes it, and the next call or the sweep replays it.
+    spool takes it, and the next call or the sweep replays it.  So does a
+    call the database does not know (yet: a cluster node a moment behind);
+    a replay that still finds none sets it aside for the audit.
     """
     def work(store):
         if call.late:
@@ -182,7 +184,7 @@ def settle(settings, call):
         return settle_call(store, call, settings)
     try:
         return attempt(settings, work, SETTLE_TRIES, settling=True)
-    except StoreError as exc:
+    except (StoreError, UnknownCall) as exc:
         from . import recovery
         return recovery.spool(settings, call, exc)
 
