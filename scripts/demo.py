@@ -35,7 +35,8 @@ def call(account, number, scenario, held=False):
 def show(label, result):
     v = result.variables_set
     print(f"  {label:<44} {v.get('ASTBILL_STATUS', '-'):<9} {v.get('ASTBILL_MAXSECS', '-'):>7}"
-          f" {v.get('ASTBILL_BILLSEC', '-'):>7} {v.get('ASTBILL_COST', '-'):>8}")
+          f" {v.get('ASTBILL_BILLSEC', '-'):>7} {v.get('ASTBILL_COST', '-'):>8}"
+          f"  {v.get('ASTBILL_TRUNK', '')}")
 
 
 def main():
@@ -73,12 +74,40 @@ def main():
     show("3003 -> Germany, balance 0.05", call("3003", "4912345678", Scenario(answered_ms=60_000)))
     show("1001 -> 7123456, no rate", call("1001", "7123456", Scenario(answered_ms=60_000)))
 
+    carriers()
+
     print("\nAccounts after the calls:")
     print(admin("account", "list"))
     print("CDRs:")
     print(admin("cdr"))
     print(admin("audit"), end="")
     print(f"\nThe database is {RUN / 'astbill.db'}; try astbill-admin -c {CONFIG} cdr --csv")
+
+
+def carriers():
+    """Least-cost trunks with failover, rate periods, a postpaid account, a call cap."""
+    conf = ROOT / "conf"
+    for name in ("carrier-a", "carrier-b"):
+        admin("trunk", "add", name, "--dial", f"SIP/{name}/{{number}}")
+        admin("rate", "import", str(conf / f"rates.{name}.sample.csv"), "--trunk", name)
+    admin("rate", "import", str(conf / "rates.periods.sample.csv"), "--tariff", "periods")
+    admin("account", "add", "4004", "--balance", "0", "--credit-limit", "2.00")
+    admin("account", "add", "5005", "--balance", "5.00", "--max-calls", "1", "--tariff", "periods")
+    print("\nTwo carriers now carry Germany and the UK; each call takes the cheapest first:")
+    print("    " + admin("route", "4912345678", "--account", "1001").replace("\n", "\n    ").rstrip())
+    print(f"\n  {'call':<44} {'status':<9} {'maxsecs':>7} {'billsec':>7} {'cost':>8}  trunk")
+    show("1001 -> Germany, carrier-a unavailable", call(
+        "1001", "4912345678", Scenario(earlier_dials=("CHANUNAVAIL",), answered_ms=75_000)))
+    show("1001 -> Germany mobile, answered, 30 s", call("1001", "4915123456", Scenario(answered_ms=30_000)))
+    show("1001 -> USA: no carrier", call("1001", "12125551234", Scenario(answered_ms=1_000)))
+    show("4004 postpaid (limit 2.00) -> Germany 5 min", call(
+        "4004", "4912345678", Scenario(answered_ms=300_000)))
+    gate = threading.Event()
+    held = call("5005", "4912345678", Scenario(answered_ms=90_000, dial_gate=gate), held=True)
+    held.dial_reached.wait(30)
+    show("5005 (1 call at most) -> a second call", call("5005", "4912345678", Scenario(answered_ms=1)))
+    gate.set()
+    show("5005 (peak/off-peak tariff) -> Germany, 90 s", held.wait())
 
 
 if __name__ == "__main__":
