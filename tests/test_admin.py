@@ -26,19 +26,31 @@ def test_bad_input_is_one_line_and_changes_nothing(billing):
     billing.admin_ok("account", "add", "1001", "--balance", "10")
     cases = [
         (("account", "add", "1001", "--balance", "5"), "astbill-admin: account 1001 exists\n"),
-        (("account", "add", "x", "--balance", "1.5e"), "astbill-admin: not a number: '1.5e'\n"),
+        (("account", "add", "x", "--balance", "1.5e"),
+         "astbill-admin: not a plain decimal number: '1.5e'\n"),
         (("account", "add", "x", "--balance", "-1"),
          "astbill-admin: opening balance must not be negative\n"),
         (("topup", "1001", "0.0000001"), "astbill-admin: more than 6 decimals: 0.0000001\n"),
         (("topup", "1001", "-5"), "astbill-admin: top-up amount must be positive\n"),
         (("topup", "nobody", "5"), "astbill-admin: no account nobody\n"),
         (("account", "show", "nobody"), "astbill-admin: no account nobody\n"),
-        (("topup", "1001", "NaN"), "astbill-admin: not a finite amount: NaN\n"),
+        (("topup", "1001", "NaN"), "astbill-admin: not a plain decimal number: 'NaN'\n"),
     ]
     for argv, error in cases:
         assert billing.admin(*argv) == (1, "", error), argv
     assert billing.admin_ok("account", "list") .splitlines()[1].split()[2] == "10.0000"
     assert billing.query("SELECT COUNT(*) FROM astledger")[0][0] == 1
+
+
+def test_an_amount_is_a_plain_decimal_or_refused(billing):
+    billing.admin_ok("account", "add", "1001", "--balance", "10")
+    for bad in ("1e3", "1E3", "Infinity", "inf", "0x10", "1_000", "1 000", " 1 x", "1.",
+                ".5", "+-1", "١٠", "1,5"):
+        assert billing.admin("topup", "1001", bad) == (
+            1, "", f"astbill-admin: not a plain decimal number: {bad.strip()!r}\n"), bad
+    for good, balance in ((" 2.50 ", "12.5000"), ("+1", "13.5000"), ("007", "20.5000")):
+        assert billing.admin_ok("topup", "1001", good, "--json").count(f'"balance": "{balance}"') == 1
+    assert billing.query("SELECT COUNT(*) FROM astledger")[0][0] == 4
 
 
 def test_rate_import_is_all_or_nothing(billing):
@@ -54,7 +66,7 @@ def test_rate_import_is_all_or_nothing(billing):
                    "33,France,-0.01,0,60,60\n"
                    "3a,Bad,0.01,0,60,60\n"
                    "34,Spain,0.01,0,60,0\n"
-                   "39,Italy,1e-9,0,60,60\n"
+                   "39,Italy,0.000000001,0,60,60\n"
                    "1,USA,0.01,0\n")
     status, out, err = billing.admin("rate", "import", str(bad), "--tariff", "default")
     assert (status, out) == (1, "")
@@ -78,7 +90,8 @@ def test_the_real_command_runs_as_a_process(billing):
     result = billing.admin_process("account", "list", "--json")
     assert (result.returncode, result.stdout, result.stderr) == (0, "[]\n", "")
     result = billing.admin_process("account", "add", "x", "--balance", "abc")
-    assert (result.returncode, result.stderr) == (1, "astbill-admin: not a number: 'abc'\n")
+    assert (result.returncode, result.stderr) == (
+        1, "astbill-admin: not a plain decimal number: 'abc'\n")
 
 
 def test_config_errors_are_one_line(billing):

@@ -4,7 +4,12 @@ Amounts are ``decimal.Decimal`` end to end.  ``D()`` accepts only exact
 inputs (str, int, Decimal); a float or a missing value is an error, never
 zero: a missing price must not become a free call.
 """
-from decimal import ROUND_CEILING, Decimal, InvalidOperation
+import re
+from decimal import ROUND_CEILING, Decimal
+
+# The only text taken as an amount: what an operator means by one.  Decimal()
+# itself would also take '1e3', 'Infinity', '1_000' and non-ASCII digits.
+_PLAIN = re.compile(r"[+-]?[0-9]+(?:\.[0-9]+)?")
 
 # Every stored amount has at most this many decimals: DECIMAL(19,6) in
 # MySQL, integer millionths in SQLite.
@@ -20,8 +25,10 @@ class MoneyError(ValueError):
 def D(value):
     """Make an exact Decimal amount from str, int or Decimal.
 
-    Refuses None, '', float, NaN, infinities, more than six decimals and
-    absurd magnitudes, each with a one-line reason.
+    Text must be a plain decimal (optional sign, digits, optional point
+    and digits; spaces around it are ignored).  Refuses None, '', float,
+    NaN, infinities, exponents, more than six decimals and absurd
+    magnitudes, each with a one-line reason.
     """
     if isinstance(value, bool) or value is None or isinstance(value, float):
         raise MoneyError(f"not an exact amount: {value!r}")
@@ -29,10 +36,9 @@ def D(value):
         text = value.strip()
         if not text:
             raise MoneyError("empty amount")
-        try:
-            value = Decimal(text)
-        except InvalidOperation:
-            raise MoneyError(f"not a number: {text!r}") from None
+        if not _PLAIN.fullmatch(text):
+            raise MoneyError(f"not a plain decimal number: {text!r}")
+        value = Decimal(text)
     elif isinstance(value, int):
         value = Decimal(value)
     elif not isinstance(value, Decimal):
