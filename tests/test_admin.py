@@ -95,9 +95,23 @@ def test_the_real_command_runs_as_a_process(billing):
 
 
 def test_config_errors_are_one_line(billing):
-    billing.config.write_text("database: [1, 2\n")
-    status, out, err = billing.admin("account", "list")
-    assert status == 1 and err.count("\n") == 1 and "not valid YAML" in err
+    yaml_errors = [
+        ("dial: x\ndatabase: [1, 2\n", "line 3: not valid YAML: expected ',' or ']', but got"
+         " '<stream end>' (while parsing a flow sequence from line 2)"),
+        ("dial: x\n database: y\n", "line 2: not valid YAML: mapping values are not allowed here"),
+        ("dial: x\n\ndatabase: 'y\n", "line 4: not valid YAML: found unexpected end of stream"
+         " (while scanning a quoted scalar from line 3)"),
+        ("dial: x\ndatabase: \x07\n", "line 2: not valid YAML: unacceptable character #x0007:"
+         " special characters are not allowed"),
+        ("dial: x\ndatabase: *y\n", "line 2: not valid YAML: found undefined alias 'y'"),
+    ]
+    for text, error in yaml_errors:
+        billing.config.write_text(text)
+        assert billing.admin("account", "list") == (
+            1, "", f"astbill-admin: config {billing.config} {error}\n"), text
+    billing.config.write_bytes(b"dial: x\ndatabase: \xff\n")
+    assert billing.admin("account", "list")[2] == (
+        f"astbill-admin: config {billing.config}: not UTF-8 text\n")
     billing.config.write_text("database: postgres://x\ndial: 'SIP/{number}'\n")
     assert billing.admin("account", "list")[2] == (
         f"astbill-admin: {billing.config}: database must be a sqlite:// or mysql:// URL,"

@@ -94,13 +94,38 @@ def _parse_yaml(path):
     import yaml
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
+            text = f.read()
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        where = getattr(e, "problem_mark", None)
-        line = f" line {where.line + 1}" if where else ""
-        raise ConfigError(f"config {path}{line}: not valid YAML") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path}: not UTF-8 text") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path}{_yaml_problem(e, text)}") from None
+
+
+def _yaml_problem(exc, text):
+    """' line N: not valid YAML: why', from what PyYAML says.
+
+    Its marks count lines from 0; the mark of the enclosing construct
+    (``context_mark``) may come with the problem's, or instead of it.  A bad
+    character comes with an offset into the text, not a mark.
+    """
+    problem, context = getattr(exc, "problem", None), getattr(exc, "context", None)
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if mark is not None:
+        line = mark.line + 1
+    elif isinstance(getattr(exc, "position", None), int):
+        line = text.count("\n", 0, exc.position) + 1
+    else:
+        line = None
+    why = problem or context or str(exc).split("\n", 1)[0]
+    opened = getattr(exc, "context_mark", None)
+    if problem and context and opened is not None:
+        why += f" ({context} from line {opened.line + 1})"
+    where = f" line {line}" if line else ""
+    return f"{where}: not valid YAML: {' '.join(why.split())}"
 
 
 def check(raw, path="config"):
