@@ -86,6 +86,15 @@ def test_rate_import_is_all_or_nothing(billing):
     assert billing.query("SELECT prefix FROM astprice ORDER BY prefix") == [("49",), ("4930",)]
 
 
+def test_a_rates_file_may_start_with_a_byte_order_mark(billing):
+    saved = billing.path / "excel.csv"
+    saved.write_bytes(b"\xef\xbb\xbfprefix,destination,rate,connect_fee,min_secs,increment\r\n"
+                      b"49,Germany,0.06,0,60,60\r\n")
+    assert billing.admin("rate", "import", str(saved), "--tariff", "default") == (
+        0, "imported 1 rates into tariff default\n", "")
+    assert billing.query("SELECT prefix, destination FROM astprice") == [("49", "Germany")]
+
+
 def test_the_real_command_runs_as_a_process(billing):
     result = billing.admin_process("account", "list", "--json")
     assert (result.returncode, result.stdout, result.stderr) == (0, "[]\n", "")
