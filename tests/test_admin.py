@@ -1,7 +1,10 @@
 """astbill-admin: exact output and exit codes, on both backends."""
 import json
 
+from agipeer import Scenario
+from astbill.recovery import epoch
 from astbill.store import schema
+from conftest import place_call
 
 
 def test_init_db_is_safe_twice(billing):
@@ -152,3 +155,13 @@ def test_the_mysql_driver_is_mysqlclient_when_installed_else_pymysql():
         assert load_driver("auto").__name__ == "pymysql"
     else:
         assert load_driver("auto") is _mysql is load_driver("mysqlclient")
+
+
+def test_a_cdr_never_ends_before_its_talk_time(tariff):
+    # The peer reports 125.4 s of talk at once, as the demo's does: the
+    # wall clock barely moves, the CDR must still add up.
+    result = place_call(tariff, Scenario(answered_ms=125_400))
+    cdr = tariff.cdr(result.uniqueid)
+    start, answer, end = (epoch(cdr[key]) for key in ("start", "answer", "end"))
+    assert (cdr["billsec"], cdr["duration"]) == (125, 125)
+    assert (answer - start, end - answer, end - start) == (0, 125, 125)

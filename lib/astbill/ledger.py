@@ -456,13 +456,20 @@ def charge_for(sell, call, max_secs, places):
 
 def complete(tx, call, account, billsec, cost, state, kind, release=None, buy_cost=None):
     """Charge the account (with its ledger row), release the call's
-    reservation from it, and complete the CDR."""
+    reservation from it, and complete the CDR.
+
+    The billed talk time is Asterisk's own count; the box's wall clock,
+    which gives start and end, can step back during a call (or, under a
+    simulated Asterisk, not move at all).  So the CDR never ends sooner
+    than start + billsec: answer is never before start, and duration
+    never below billsec.  (A swept call's record has no start: 0.)"""
     now = timestamp(call.ended)
     if cost or release:
         tx.change_balance(account, -cost, kind, call.uniqueid, now, release)
+    ended = max(call.ended, call.started + billsec)
     tx.close_cdr(call.uniqueid, {
-        "answer": timestamp(call.ended - billsec) if billsec else None,
-        "end": now, "duration": call.duration, "billsec": billsec,
+        "answer": timestamp(ended - billsec) if billsec else None,
+        "end": timestamp(ended), "duration": max(call.duration, billsec), "billsec": billsec,
         "disposition": DISPOSITION.get(call.dialstatus, "FAILED"),
         "dstchannel": call.dstchannel[:80], "cost": cost, "state": state,
         "trunk": call.trunk, "lastdata": call.dial[:255], "buy_cost": buy_cost})
