@@ -130,6 +130,22 @@ class Store:
             self._rollback()
             raise self._error(exc, kind) from None
 
+    CDR_PAGE = 500
+
+    def each_cdr(self, account=None, since=None, until=None, limit=None):
+        """Every CDR ``Tx.cdrs`` would return, read a page at a time: memory
+        stays the same however many there are, and no statement stays open
+        between pages, so a slow reader (a pager) holds nothing on the server."""
+        after, left = None, limit
+        while left is None or left > 0:
+            size = self.CDR_PAGE if left is None else min(self.CDR_PAGE, left)
+            page = self.read(lambda tx: tx.cdrs(account, since, until, after, size))
+            yield from page
+            if len(page) < size:
+                return
+            after = page[-1]["start"], page[-1]["uniqueid"]
+            left = None if left is None else left - size
+
     def _rollback(self):
         if self._conn is None:
             return
@@ -426,22 +442,38 @@ class Tx:
                    "connect_fee", "max_secs", "cost", "state", "trunk", "buy_cost")
     CDR_MONEY = ("rate", "connect_fee", "cost", "buy_cost")
 
-    def cdrs(self, account=None):
-        where = " WHERE account = ?" if account is not None else ""
-        rows = self.all(f"SELECT {', '.join(self.CDR_COLUMNS)} FROM astcdr{where}"
-                        " ORDER BY start, uniqueid", () if account is None else (account,))
-        m = self.store.money_out
-        out = []
-        for row in rows:
-            record = dict(zip(self.CDR_COLUMNS, row))
-            for key in self.CDR_MONEY:
-                if record[key] is not None:
-                    record[key] = m(record[key])
-            for key in ("start", "answer", "end"):
-                if record[key] is not None:
-                    record[key] = str(record[key])
-            out.append(record)
-        return out
+    def cdrs(self, account=None, since=None, until=None, after=None, limit=None):
+        """CDRs as dicts, by start then uniqueid: the account's, those started
+        from ``since`` and before ``until`` ('YYYY-MM-DD HH:MM:SS' UTC), those
+        after ``after`` (a (start, uniqueid) already seen), ``limit`` at most."""
+        where, params = [], []
+        for clause, value in (("account = ?", account), ("start >= ?", since),
+                              ("start < ?", until)):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        if after is not None:
+            # Written so that the (start, uniqueid) index finds the next page.
+            where.append("start >= ? AND (start > ? OR uniqueid > ?)")
+            params += [after[0], after[0], after[1]]
+        sql = f"SELECT {', '.join(self.CDR_COLUMNS)} FROM astcdr"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY start, uniqueid"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [self._cdr_record(row) for row in self.all(sql, tuple(params))]
+
+    def _cdr_record(self, row):
+        record = dict(zip(self.CDR_COLUMNS, row))
+        for key in self.CDR_MONEY:
+            if record[key] is not None:
+                record[key] = self.store.money_out(record[key])
+        for key in ("start", "answer", "end"):
+            if record[key] is not None:
+                record[key] = str(record[key])
+        return record
 
     # -- the sweep and the audit ---------------------------------------------
     def has_table(self, name):
