@@ -1,7 +1,10 @@
 """astbill-admin: exact output and exit codes, on both backends."""
+import csv
+import io
 import json
 
 from agipeer import Scenario
+from astbill import admin
 from astbill.recovery import epoch
 from astbill.store import schema
 from conftest import place_call
@@ -165,3 +168,27 @@ def test_a_cdr_never_ends_before_its_talk_time(tariff):
     start, answer, end = (epoch(cdr[key]) for key in ("start", "answer", "end"))
     assert (cdr["billsec"], cdr["duration"]) == (125, 125)
     assert (answer - start, end - answer, end - start) == (0, 125, 125)
+
+
+def test_csv_cells_from_calls_never_start_a_formula(tariff):
+    tariff.admin_ok("account", "add", "@home", "--balance", "5")
+    result = place_call(tariff, Scenario(answered_ms=61_000), account="@home",
+                        agi_callerid="=1+1", agi_calleridname="-2+3", agi_context="+ctx",
+                        agi_channel="\tSIP/x-1")
+    assert result.variables_set["ASTBILL_COST"] == "0.1200", result.dialogue_text()
+    (row,) = csv.DictReader(io.StringIO(tariff.admin_ok("cdr", "--csv")))
+    assert {key: row[key] for key in ("src", "clid", "dcontext", "channel", "accountcode",
+                                      "account", "cost", "billsec", "rate")} == {
+        "src": "'=1+1", "clid": '"-2+3" <=1+1>', "dcontext": "'+ctx", "channel": "'\tSIP/x-1",
+        "accountcode": "'@home", "account": "'@home", "cost": "0.1200", "billsec": "61",
+        "rate": "0.0600"}
+    (record,) = json.loads(tariff.admin_ok("cdr", "--json"))  # JSON is not for spreadsheets
+    assert (record["src"], record["account"]) == ("=1+1", "@home")
+
+
+def test_numbers_astbill_writes_are_never_quoted_even_negative(capsys):
+    # A trunk dearer than the sell rate: a negative margin, AstBill's own number.
+    admin.print_csv([{"account": "-1001", "trunk": "=carrier", "margin": "-0.0100",
+                      "billsec": 61}], ["account", "trunk", "margin", "billsec"])
+    assert capsys.readouterr().out == (
+        "account,trunk,margin,billsec\r\n'-1001,'=carrier,-0.0100,61\r\n")

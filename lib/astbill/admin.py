@@ -13,12 +13,14 @@ import sys
 
 from . import config, recovery
 from . import ledger
+from .csvcells import quote
 from .ledger import AUTHORIZE_TRIES, attempt, timestamp
 from .money import D, MoneyError, fmt
 from .rating import normalize_destination
 from .rating.decks import RatesError, read_rates
 from .rating.periods import format_days, format_hours
 from .store import Conflict, NotFound, StoreError, open_store
+from .store.base import Tx
 
 
 ALWAYS = "1970-01-01 00:00:00"
@@ -345,9 +347,7 @@ def cdr(store, settings, args):
             if row[key] is not None:
                 row[key] = fmt(row[key], places)
     if args.csv:
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else ["uniqueid"])
-        writer.writeheader()
-        writer.writerows(rows)
+        print_csv(rows, [*Tx.CDR_COLUMNS, "margin"])
         return
     output(rows, args.json, ["uniqueid", "start", "account", "dst", "billsec", "disposition",
                              "cost", "state"])
@@ -414,6 +414,19 @@ def output(rows, as_json, columns):
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     for line in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+
+
+# Columns whose cells are numbers AstBill itself wrote (amounts, seconds):
+# never quoted for a spreadsheet, unlike every cell that comes from data.
+OWN_NUMBERS = frozenset({"rate", "connect_fee", "cost", "buy_cost", "margin", "max_cost",
+                         "duration", "billsec", "max_secs", "min_secs", "increment"})
+
+
+def print_csv(records, columns):
+    writer = csv.writer(sys.stdout)
+    writer.writerow(columns)
+    for r in records:
+        writer.writerow([r[c] if c in OWN_NUMBERS else quote(r[c]) for c in columns])
 
 
 def has_password(database):
