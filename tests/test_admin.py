@@ -2,12 +2,17 @@
 import csv
 import io
 import json
+import subprocess
+import sys
 
 from agipeer import Scenario
 from astbill import admin
+from astbill.ledger import timestamp
+from astbill.money import D
 from astbill.recovery import epoch
 from astbill.store import schema
-from conftest import place_call
+from astbill.store.base import Store
+from conftest import ADMIN, Billing, place_call
 
 
 def test_init_db_is_safe_twice(billing):
@@ -170,6 +175,91 @@ def test_a_cdr_never_ends_before_its_talk_time(tariff):
     assert (answer - start, end - answer, end - start) == (0, 125, 125)
 
 
+# -- CDRs -------------------------------------------------------------------------
+
+def record_cdrs(billing, cdrs):
+    """Settled CDRs, written by the store's own statements: (uniqueid, start,
+    account, src) each, 61 s at Germany's 0.06 a minute, over a trunk that
+    charged 0.13 for it."""
+    def work(tx):
+        for uniqueid, start, account, src in cdrs:
+            tx.open_cdr({
+                "uniqueid": uniqueid, "start": start, "clid": f'"Alice" <{src}>', "src": src,
+                "dst": "4912345678", "dcontext": "billing", "channel": "PJSIP/alice-0001",
+                "lastapp": "Dial", "lastdata": "PJSIP/4912345678@trunk", "accountcode": account,
+                "linkedid": uniqueid, "account": account, "max_secs": 3600, "tariff": "default",
+                "prefix": "49", "rate": D("0.06"), "connect_fee": D(0), "min_secs": 60,
+                "increment": 60, "state": "active"})
+            tx.close_cdr(uniqueid, {
+                "answer": timestamp(epoch(start) + 4), "end": timestamp(epoch(start) + 65),
+                "duration": 65, "billsec": 61, "disposition": "ANSWERED",
+                "dstchannel": "PJSIP/trunk-0002", "cost": D("0.12"), "state": "settled",
+                "trunk": "carrier-a", "buy_cost": D("0.13")})
+    store = billing.store()
+    try:
+        store.atomic(work)
+    finally:
+        store.close()
+
+
+CDR_HEADER = ("uniqueid,start,answer,end,clid,src,dst,dcontext,channel,dstchannel,lastapp,"
+              "lastdata,duration,billsec,disposition,accountcode,account,tariff,prefix,rate,"
+              "connect_fee,max_secs,cost,state,trunk,buy_cost,margin\r\n")
+
+
+def test_cdrs_are_listed_by_start_a_page_at_a_time_with_filters(billing, monkeypatch):
+    record_cdrs(billing, [("1.5", "2026-03-01 08:00:00", "2002", "4930111222"),
+                          ("1.3", "2026-02-01 00:00:00", "1001", "4930111222"),
+                          ("1.1", "2026-01-31 23:59:59", "1001", "4930111222"),
+                          ("1.4", "2026-02-01 12:30:00", "1001", "4930111222"),
+                          ("1.2", "2026-02-01 00:00:00", "2002", "4930111222")])
+    monkeypatch.setattr(Store, "CDR_PAGE", 2)  # pages end within a second, and between ties
+    assert billing.admin("cdr") == (0, """\
+uniqueid  start                account  dst         billsec  disposition  cost    state
+1.1       2026-01-31 23:59:59  1001     4912345678  61       ANSWERED     0.1200  settled
+1.2       2026-02-01 00:00:00  2002     4912345678  61       ANSWERED     0.1200  settled
+1.3       2026-02-01 00:00:00  1001     4912345678  61       ANSWERED     0.1200  settled
+1.4       2026-02-01 12:30:00  1001     4912345678  61       ANSWERED     0.1200  settled
+1.5       2026-03-01 08:00:00  2002     4912345678  61       ANSWERED     0.1200  settled
+""", "")
+
+    def listed(*options):
+        return [c["uniqueid"] for c in json.loads(billing.admin_ok("cdr", "--json", *options))]
+    assert listed("--since", "2026-02-01", "--until", "2026-02-01 12:30") == ["1.2", "1.3"]
+    assert listed("--since", "2026-02-01 00:00:01") == ["1.4", "1.5"]
+    assert listed("--until", "2026-02-01 00:00:00") == ["1.1"]
+    assert listed("--limit", "3") == ["1.1", "1.2", "1.3"]
+    assert listed("--limit", "2", "--account", "1001") == ["1.1", "1.3"]
+    assert listed("--account", "1001", "--since", "2026-02-01") == ["1.3", "1.4"]
+    assert listed("--since", "2026-04-01") == []
+    assert billing.admin("cdr", "--csv", "--limit", "1") == (0, CDR_HEADER + (
+        "1.1,2026-01-31 23:59:59,2026-02-01 00:00:03,2026-02-01 00:01:04,\"\"\"Alice\"\" "
+        "<4930111222>\",4930111222,4912345678,billing,PJSIP/alice-0001,PJSIP/trunk-0002,Dial,"
+        "PJSIP/4912345678@trunk,65,61,ANSWERED,1001,1001,default,49,0.0600,0.0000,3600,0.1200,"
+        "settled,carrier-a,0.1300,-0.0100\r\n"), "")
+    assert billing.admin("cdr", "--csv", "--since", "2027-01-01") == (0, CDR_HEADER, "")
+    assert billing.admin("cdr", "--since", "2026-02-01", "--until", "2026-02-01") == (
+        1, "", "astbill-admin: --since '2026-02-01 00:00:00' is not before"
+               " --until '2026-02-01 00:00:00'\n")
+    assert billing.admin("cdr", "--since", "2026-02-30") == (
+        1, "", "astbill-admin: --since must look like 'YYYY-MM-DD HH:MM' (UTC): '2026-02-30'\n")
+
+
+def test_a_cdr_table_fits_its_first_rows_and_widens_after(billing, monkeypatch):
+    record_cdrs(billing, [("1.1", "2026-01-01 10:00:00", "1001", "1"),
+                          ("1.2", "2026-01-01 10:00:01", "1001", "1"),
+                          ("1.10", "2026-01-01 10:00:02", "a-longer-name", "1"),
+                          ("1.11", "2026-01-01 10:00:03", "1001", "1")])
+    monkeypatch.setattr(admin, "TABLE_WINDOW", 2)
+    assert billing.admin("cdr") == (0, """\
+uniqueid  start                account  dst         billsec  disposition  cost    state
+1.1       2026-01-01 10:00:00  1001     4912345678  61       ANSWERED     0.1200  settled
+1.2       2026-01-01 10:00:01  1001     4912345678  61       ANSWERED     0.1200  settled
+1.10      2026-01-01 10:00:02  a-longer-name  4912345678  61       ANSWERED     0.1200  settled
+1.11      2026-01-01 10:00:03  1001           4912345678  61       ANSWERED     0.1200  settled
+""", "")
+
+
 def test_csv_cells_from_calls_never_start_a_formula(tariff):
     tariff.admin_ok("account", "add", "@home", "--balance", "5")
     result = place_call(tariff, Scenario(answered_ms=61_000), account="@home",
@@ -192,3 +282,38 @@ def test_numbers_astbill_writes_are_never_quoted_even_negative(capsys):
                       "billsec": 61}], ["account", "trunk", "margin", "billsec"])
     assert capsys.readouterr().out == (
         "account,trunk,margin,billsec\r\n'-1001,'=carrier,-0.0100,61\r\n")
+
+
+PEAK_RSS = """\
+import resource, subprocess, sys
+with open(sys.argv[1], "w") as out:
+    subprocess.run(sys.argv[2:], stdout=out, check=True)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def test_cdr_csv_streams_in_the_same_memory_for_ten_times_the_rows(tmp_path):
+    billing = Billing(tmp_path, f"sqlite://{tmp_path / 'astbill.db'}")
+    billing.admin_ok("init-db")
+
+    def peak_kib():
+        """Peak RSS of `astbill-admin cdr --csv`, run from a fresh process that
+        has no other child, with the lines it printed."""
+        out = tmp_path / "cdrs.csv"
+        measured = subprocess.run([sys.executable, "-c", PEAK_RSS, str(out), sys.executable,
+                                   ADMIN, "cdr", "--csv"], env=billing.env, text=True,
+                                  capture_output=True, timeout=300, check=True)
+        with open(out, newline="") as f:
+            return int(measured.stdout), sum(1 for _ in f)
+
+    def add(first, count):
+        record_cdrs(billing, ((f"1.{n}", timestamp(1767225600 + n * 7), "1001", "4930111222")
+                              for n in range(first, first + count)))
+    add(0, 5_000)
+    small, lines = peak_kib()
+    assert lines == 5_001
+    add(5_000, 45_000)
+    large, lines = peak_kib()
+    assert lines == 50_001
+    print(f"peak RSS of cdr --csv: {small} KiB for 5,000 CDRs, {large} KiB for 50,000")
+    assert large - small < 3 * 1024, (small, large)

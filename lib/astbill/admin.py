@@ -1,11 +1,15 @@
 """astbill-admin: the operator's command line.
 
 Each command opens the configured database, calls one library function
-and prints the result (a table, or JSON with --json).  Library errors
-become one line on stderr and exit status 1; nothing is half-done.
+and prints the result: a table, JSON with --json, CSV with --csv where
+offered.  Library errors become one line on stderr and exit status 1;
+nothing is half-done.  Listings are printed as they are read (CDRs a page
+at a time, in constant memory), so a database failing midway ends one with
+that line.
 """
 import argparse
 import csv
+import itertools
 import json
 import os
 import stat
@@ -48,6 +52,8 @@ def main(argv=None):
         sys.stderr.write("".join(f"astbill-admin: {e}\n" for e in exc.errors))
         return 1
     except BrokenPipeError:
+        # The reader went away (cdr | head): not worth a traceback at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return 0
 
@@ -112,9 +118,15 @@ def parser():
     c.add_argument("number")
     c.add_argument("--account", required=True)
     command("calls", calls, "calls in progress (open reservations)")
-    c = command("cdr", cdr, "call detail records")
+    c = command("cdr", cdr, "call detail records, oldest first, as they are read")
     c.add_argument("--account")
     c.add_argument("--csv", action="store_true", help="print CSV")
+    c.add_argument("--since", metavar="TIME",
+                   help="only calls started at or after TIME: YYYY-MM-DD or"
+                        " 'YYYY-MM-DD HH:MM[:SS]', UTC")
+    c.add_argument("--until", metavar="TIME",
+                   help="only calls started before TIME (same forms)")
+    c.add_argument("--limit", type=how_many, metavar="N", help="at most N calls")
     command("sweep", sweep, "settle or release reservations of calls that must be over")
     command("audit", audit, "check balances against the ledger; exit 1 on any mismatch")
     return p
@@ -131,6 +143,12 @@ def deck_owner(c):
     owner = c.add_mutually_exclusive_group(required=True)
     owner.add_argument("--tariff", help="a tariff: what callers pay")
     owner.add_argument("--trunk", help="a trunk: what its carrier charges")
+
+
+def how_many(text):
+    if not (text.isascii() and text.isdigit() and len(text) <= 12 and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"must be a whole number above 0: {text!r}")
+    return int(text)
 
 
 # -- commands ------------------------------------------------------------------
@@ -244,7 +262,7 @@ def rate_list(store, settings, args):
         writer.writeheader()
         writer.writerows(rows)
         return
-    output(rows, args.json, columns)
+    show(rows, style(args), columns)
 
 
 def owner(args):
@@ -281,7 +299,7 @@ def trunk_add(store, settings, args):
 def trunk_list(store, settings, args):
     rows = [{"name": n, "dial": d, "enabled": bool(e), "rates_since": None if s is None else str(s)}
             for n, d, e, s in store.read(lambda tx: tx.trunks())]
-    output(rows, args.json, ["name", "dial", "enabled", "rates_since"])
+    show(rows, style(args), ["name", "dial", "enabled", "rates_since"])
 
 
 def trunk_disable(store, settings, args):
@@ -334,23 +352,20 @@ def calls(store, settings, args):
     rows = [{"uniqueid": r[0], "account": r[1], "dst": r[2], "max_secs": r[3],
              "max_cost": fmt(r[4], places), "since": r[5], "channel": r[6]}
             for r in store.read(lambda tx: tx.calls_in_progress())]
-    output(rows, args.json, ["uniqueid", "account", "dst", "max_secs", "max_cost", "since", "channel"])
+    show(rows, style(args), ["uniqueid", "account", "dst", "max_secs", "max_cost", "since",
+                             "channel"])
 
 
 def cdr(store, settings, args):
+    since = moment(args.since, "--since") if args.since else None
+    until = moment(args.until, "--until") if args.until else None
+    if since and until and since >= until:
+        raise AdminError(f"--since {since!r} is not before --until {until!r}")
     places = settings["decimals"]
-    rows = store.read(lambda tx: tx.cdrs(args.account))
-    for row in rows:
-        row["margin"] = (None if row["buy_cost"] is None or row["cost"] is None
-                         else row["cost"] - row["buy_cost"])
-        for key in ("rate", "connect_fee", "cost", "buy_cost", "margin"):
-            if row[key] is not None:
-                row[key] = fmt(row[key], places)
-    if args.csv:
-        print_csv(rows, [*Tx.CDR_COLUMNS, "margin"])
-        return
-    output(rows, args.json, ["uniqueid", "start", "account", "dst", "billsec", "disposition",
-                             "cost", "state"])
+    records = (shown_cdr(r, places)
+               for r in store.each_cdr(args.account, since, until, args.limit))
+    show(records, style(args), [*Tx.CDR_COLUMNS, "margin"],
+         ["uniqueid", "start", "account", "dst", "billsec", "disposition", "cost", "state"])
 
 
 def sweep(store, settings, args):
@@ -403,17 +418,44 @@ def show_accounts(rows, settings, as_json, single=False):
     if single and as_json:
         print(json.dumps(records[0]))
         return
-    output(records, as_json, ["account", "tariff", "balance", "reserved", "available", "calls"])
+    show(records, "json" if as_json else "table",
+         ["account", "tariff", "balance", "reserved", "available", "calls"])
 
 
-def output(rows, as_json, columns):
-    if as_json:
-        print(json.dumps(rows))
-        return
-    table = [columns] + [["" if r[c] is None else str(r[c]) for c in columns] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
-    for line in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+def shown_cdr(record, places):
+    """A CDR with its margin (what the caller paid less what the trunk
+    charged), and its amounts as text at the configured places."""
+    cost, bought = record["cost"], record["buy_cost"]
+    record = dict(record, margin=None if cost is None or bought is None else cost - bought)
+    return dict(record, **{key: fmt(record[key], places) for key in (*Tx.CDR_MONEY, "margin")
+                           if record[key] is not None})
+
+
+def style(args):
+    """How a command's records are to be printed: json, csv or table."""
+    if getattr(args, "json", False):
+        return "json"
+    return "csv" if getattr(args, "csv", False) else "table"
+
+
+def show(records, how, columns, table_columns=None):
+    """Print ``records`` (dicts, from any iterable, one by one as they come)
+    ``how``: JSON, CSV of ``columns``, or a table of ``table_columns``."""
+    if how == "json":
+        print_json(records)
+    elif how == "csv":
+        print_csv(records, columns)
+    else:
+        print_table(records, table_columns or columns)
+
+
+def print_json(records):
+    """A JSON array, written a record at a time: the text json.dumps(list) gives."""
+    out = sys.stdout
+    out.write("[")
+    for n, record in enumerate(records):
+        out.write((", " if n else "") + json.dumps(record))
+    out.write("]\n")
 
 
 # Columns whose cells are numbers AstBill itself wrote (amounts, seconds):
@@ -427,6 +469,22 @@ def print_csv(records, columns):
     writer.writerow(columns)
     for r in records:
         writer.writerow([r[c] if c in OWN_NUMBERS else quote(r[c]) for c in columns])
+
+
+# Rows a table's column widths are measured on before it starts printing.
+TABLE_WINDOW = 500
+
+
+def print_table(records, columns):
+    """An aligned table, printed as it comes, in bounded memory: the column
+    widths fit the first TABLE_WINDOW rows, and after that only grow -- a
+    later, wider cell widens its column from its own row on; nothing is cut."""
+    lines = (["" if r[c] is None else str(r[c]) for c in columns] for r in records)
+    first = [list(columns), *itertools.islice(lines, TABLE_WINDOW)]
+    widths = [max(len(line[i]) for line in first) for i in range(len(columns))]
+    for line in itertools.chain(first, lines):
+        widths = [max(w, len(cell)) for w, cell in zip(widths, line)]
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
 
 
 def has_password(database):
