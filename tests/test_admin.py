@@ -12,7 +12,7 @@ from astbill.money import D
 from astbill.recovery import epoch
 from astbill.store import schema
 from astbill.store.base import Store
-from conftest import ADMIN, Billing, place_call
+from conftest import ADMIN, RATES, Billing, place_call
 
 
 def test_init_db_is_safe_twice(billing):
@@ -173,6 +173,70 @@ def test_a_cdr_never_ends_before_its_talk_time(tariff):
     start, answer, end = (epoch(cdr[key]) for key in ("start", "answer", "end"))
     assert (cdr["billsec"], cdr["duration"]) == (125, 125)
     assert (answer - start, end - answer, end - start) == (0, 125, 125)
+
+
+# -- rates ------------------------------------------------------------------------
+
+def test_rate_list_as_a_table_json_and_csv(tariff):
+    assert tariff.admin("rate", "list", "--tariff", "default") == (0, """\
+prefix  destination     rate    connect_fee  min_secs  increment  days  hours
+1       USA             0.0100  0.0000       60        60         all   00:00-24:00
+49      Germany fixed   0.0600  0.0000       60        60         all   00:00-24:00
+4915    Germany mobile  0.1200  0.0000       1         1          all   00:00-24:00
+4930    Berlin          0.0300  0.0100       30        6          all   00:00-24:00
+""", "")
+    assert tariff.admin("rate", "list", "--tariff", "default", "--prefix", "49", "--csv") == (0, (
+        "prefix,destination,rate,connect_fee,min_secs,increment,days,hours\r\n"
+        "49,Germany fixed,0.0600,0.0000,60,60,all,00:00-24:00\r\n"
+        "4915,Germany mobile,0.1200,0.0000,1,1,all,00:00-24:00\r\n"
+        "4930,Berlin,0.0300,0.0100,30,6,all,00:00-24:00\r\n"), "")
+    assert tariff.admin("rate", "list", "--tariff", "default", "--prefix", "493", "--json") == (
+        0, '[{"prefix": "4930", "destination": "Berlin", "rate": "0.0300", "connect_fee":'
+           ' "0.0100", "min_secs": 30, "increment": 6, "days": "all", "hours": "00:00-24:00"}]\n',
+        "")
+    assert tariff.admin("rate", "list", "--tariff", "default", "--prefix", "7") == (
+        0, "prefix  destination  rate  connect_fee  min_secs  increment  days  hours\n", "")
+    assert tariff.admin("rate", "list", "--tariff", "gold", "--at", "2026-01-01 00:00") == (
+        1, "", "astbill-admin: tariff 'gold' has no rates in force at 2026-01-01 00:00:00\n")
+    assert tariff.admin("rate", "list", "--tariff", "default", "--prefix", "4_") == (
+        1, "", "astbill-admin: prefix must be 1 to 32 digits: '4_'\n")
+
+
+def test_the_csv_rate_list_prints_imports_back_to_the_same_rates(billing):
+    billing.setup_rates(
+        "prefix,destination,rate,connect_fee,min_secs,increment,days,hours\n"
+        "44,=1+1,0.05,0,60,60,all,00:00-24:00\n"
+        "441,+44 mobile,0.123456,0.5,0,1,mon-fri,00:00-24:00\n"
+        "441,+44 mobile weekend,0.1,0.5,0,1,sat-sun,00:00-24:00\n"
+        "442,-2 zone,0,0,60,60,all,00:00-24:00\n"
+        "443,@SUM(A1),0.1,0,60,60,all,00:00-24:00\n"
+        "444,'quoted,0.1,0,60,60,all,00:00-24:00\n"
+        '445,"Comma, and ""quotes""",0.1,0,60,60,all,00:00-24:00\n'
+        "446,Zürich über alles,0.1,0,60,60,all,00:00-24:00\n", "source")
+    listed = billing.admin_ok("rate", "list", "--tariff", "source", "--csv")
+    assert listed == (
+        "prefix,destination,rate,connect_fee,min_secs,increment,days,hours\r\n"
+        "44,'=1+1,0.0500,0.0000,60,60,all,00:00-24:00\r\n"
+        "441,'+44 mobile weekend,0.1000,0.5000,0,1,sat-sun,00:00-24:00\r\n"
+        "441,'+44 mobile,0.123456,0.5000,0,1,mon-fri,00:00-24:00\r\n"
+        "442,'-2 zone,0.0000,0.0000,60,60,all,00:00-24:00\r\n"
+        "443,'@SUM(A1),0.1000,0.0000,60,60,all,00:00-24:00\r\n"
+        "444,''quoted,0.1000,0.0000,60,60,all,00:00-24:00\r\n"
+        '445,"Comma, and ""quotes""",0.1000,0.0000,60,60,all,00:00-24:00\r\n'
+        "446,Zürich über alles,0.1000,0.0000,60,60,all,00:00-24:00\r\n")
+    copy = billing.path / "copy.csv"
+    copy.write_text(listed, newline="")
+    assert billing.admin("rate", "import", str(copy), "--tariff", "copy") == (
+        0, "imported 7 rates into tariff copy\n", "")
+    rates = "SELECT p.prefix, p.days, p.start_min, p.end_min, p.destination, p.rate," \
+            " p.connect_fee, p.min_secs, p.increment FROM astprice p JOIN astdeck d" \
+            " ON d.id = p.deck WHERE d.name = ? ORDER BY p.prefix, p.days"
+    assert billing.query(rates, ("copy",)) == billing.query(rates, ("source",))
+    assert [r["destination"] for r in json.loads(billing.admin_ok(
+        "rate", "list", "--tariff", "copy", "--json"))] == [
+        "=1+1", "+44 mobile weekend", "+44 mobile", "-2 zone", "@SUM(A1)", "'quoted",
+        'Comma, and "quotes"', "Zürich über alles"]
+    assert billing.admin_ok("rate", "list", "--tariff", "copy", "--csv") == listed
 
 
 # -- CDRs -------------------------------------------------------------------------

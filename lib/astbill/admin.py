@@ -21,7 +21,7 @@ from .csvcells import quote
 from .ledger import AUTHORIZE_TRIES, attempt, timestamp
 from .money import D, MoneyError, fmt
 from .rating import normalize_destination
-from .rating.decks import RatesError, read_rates
+from .rating.decks import HEADER, PERIOD_HEADER, RatesError, checked_prefix, read_rates
 from .rating.periods import format_days, format_hours
 from .store import Conflict, NotFound, StoreError, open_store
 from .store.base import Tx
@@ -246,8 +246,12 @@ def rate_import(store, settings, args):
 
 def rate_list(store, settings, args):
     kind, name = owner(args)
+    try:
+        prefix = checked_prefix(args.prefix) if args.prefix else ""
+    except ValueError as exc:
+        raise AdminError(str(exc)) from None
     at = moment(args.at, "--at") if args.at else timestamp()
-    found = store.read(lambda tx: tx.deck_rows(kind, name, at, args.prefix))
+    found = store.read(lambda tx: tx.deck_rows(kind, name, at, prefix))
     if found is None:
         raise AdminError(f"{kind} {name!r} has no rates in force at {at}")
     places = settings["decimals"]
@@ -255,14 +259,7 @@ def rate_list(store, settings, args):
              "min_secs": m, "increment": i, "days": format_days(days),
              "hours": format_hours(start, end)}
             for p, d, days, start, end, r, f, m, i in found[1]]
-    columns = ["prefix", "destination", "rate", "connect_fee", "min_secs", "increment",
-               "days", "hours"]
-    if args.csv:
-        writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        return
-    show(rows, style(args), columns)
+    show(rows, style(args), HEADER + PERIOD_HEADER)
 
 
 def owner(args):

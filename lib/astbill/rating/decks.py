@@ -86,9 +86,12 @@ def parse_rates(lines, owner, name="rates"):
 def parse_row(row, width):
     if len(row) != width:
         raise ValueError(f"expected {width} fields, found {len(row)}")
+    from ..csvcells import unquote  # the admin tool's, like csv: not on the call path
     prefix, destination, per_min, fee, min_secs, increment = (f.strip() for f in row[:6])
-    if not (prefix.isascii() and prefix.isdigit() and len(prefix) <= MAX_DIGITS):
-        raise ValueError(f"prefix must be 1 to {MAX_DIGITS} digits: {prefix!r}")
+    checked_prefix(prefix)
+    # As ``rate list --csv`` wrote it: a quote before what a spreadsheet
+    # would take for a formula.
+    destination = unquote(destination)
     if not destination or len(destination) > 80:
         raise ValueError("destination must be 1 to 80 characters")
     rate = Rate(None, prefix, destination, _amount("rate", per_min), _amount("connect_fee", fee),
@@ -99,6 +102,12 @@ def parse_row(row, width):
         return PricedRow(rate, parse_days(row[6]), *parse_hours(row[7]))
     except PeriodError as e:
         raise ValueError(str(e)) from None
+
+
+def checked_prefix(prefix):
+    if not (prefix.isascii() and prefix.isdigit() and len(prefix) <= MAX_DIGITS):
+        raise ValueError(f"prefix must be 1 to {MAX_DIGITS} digits: {prefix!r}")
+    return prefix
 
 
 def week_errors(lines_of, name):
