@@ -14,12 +14,18 @@ from astbill.store import schema
 from astbill.store.base import Store
 from conftest import ADMIN, RATES, Billing, place_call
 
+GOLD = """prefix,destination,rate,connect_fee,min_secs,increment
+49,Germany gold,0.0300,0,60,60
+"""
+
 
 def test_init_db_is_safe_twice(billing):
     assert billing.admin("init-db") == (0, f"schema ready (version {schema.latest()})\n", "")
 
 
 def test_account_add_show_list_and_topup(billing):
+    billing.setup_rates(RATES)
+    billing.setup_rates(GOLD, "gold")
     assert billing.admin("account", "add", "1001", "--balance", "10", "--json") == (
         0, '{"account": "1001", "tariff": "default", "balance": "10.0000", "reserved": "0.0000",'
            ' "credit_limit": "0.0000", "available": "10.0000", "max_calls": 0, "calls": 0}\n', "")
@@ -33,8 +39,8 @@ def test_account_add_show_list_and_topup(billing):
         ("1001", "12.5000", "default"), ("2002", "0.123456", "gold"), ("3003", "0.0000", "default")]
 
 
-def test_bad_input_is_one_line_and_changes_nothing(billing):
-    billing.admin_ok("account", "add", "1001", "--balance", "10")
+def test_bad_input_is_one_line_and_changes_nothing(tariff):
+    billing = tariff
     cases = [
         (("account", "add", "1001", "--balance", "5"), "astbill-admin: account 1001 exists\n"),
         (("account", "add", "x", "--balance", "1.5e"),
@@ -53,8 +59,8 @@ def test_bad_input_is_one_line_and_changes_nothing(billing):
     assert billing.query("SELECT COUNT(*) FROM astledger")[0][0] == 1
 
 
-def test_an_amount_is_a_plain_decimal_or_refused(billing):
-    billing.admin_ok("account", "add", "1001", "--balance", "10")
+def test_an_amount_is_a_plain_decimal_or_refused(tariff):
+    billing = tariff
     for bad in ("1e3", "1E3", "Infinity", "inf", "0x10", "1_000", "1 000", " 1 x", "1.",
                 ".5", "+-1", "١٠", "1,5"):
         assert billing.admin("topup", "1001", bad) == (
@@ -109,6 +115,7 @@ def test_a_rates_file_may_start_with_a_byte_order_mark(billing):
 def test_the_real_command_runs_as_a_process(billing):
     result = billing.admin_process("account", "list", "--json")
     assert (result.returncode, result.stdout, result.stderr) == (0, "[]\n", "")
+    billing.setup_rates(RATES)
     result = billing.admin_process("account", "add", "x", "--balance", "abc")
     assert (result.returncode, result.stderr) == (
         1, "astbill-admin: not a plain decimal number: 'abc'\n")
@@ -173,6 +180,32 @@ def test_a_cdr_never_ends_before_its_talk_time(tariff):
     start, answer, end = (epoch(cdr[key]) for key in ("start", "answer", "end"))
     assert (cdr["billsec"], cdr["duration"]) == (125, 125)
     assert (answer - start, end - answer, end - start) == (0, 125, 125)
+
+
+# -- accounts and tariffs ---------------------------------------------------------
+
+def test_an_account_needs_a_tariff_with_rates_and_can_move_to_another(tariff):
+    books = (tariff.query("SELECT account, tariff, balance FROM astaccount"),
+             tariff.query("SELECT COUNT(*) FROM astledger"))
+    unknown = "astbill-admin: unknown tariff 'gold': it has no rates (astbill-admin rate import)\n"
+    assert tariff.admin("account", "add", "2002", "--balance", "5", "--tariff", "gold") == (
+        1, "", unknown)
+    assert tariff.admin("account", "set", "1001", "--tariff", "gold") == (1, "", unknown)
+    assert tariff.admin("account", "set", "1001") == (
+        1, "", "astbill-admin: nothing to change: give --tariff, --credit-limit or --max-calls\n")
+    assert (tariff.query("SELECT account, tariff, balance FROM astaccount"),
+            tariff.query("SELECT COUNT(*) FROM astledger")) == books
+    tariff.setup_rates(GOLD, "gold")
+    assert tariff.admin("account", "set", "nobody", "--tariff", "gold") == (
+        1, "", "astbill-admin: no account 'nobody'\n")
+    assert tariff.admin("account", "set", "1001", "--tariff", "gold", "--json") == (
+        0, '{"account": "1001", "tariff": "gold", "balance": "10.0000", "reserved": "0.0000",'
+           ' "credit_limit": "0.0000", "available": "10.0000", "max_calls": 0, "calls": 0}\n',
+        "")
+    # The next call is rated on the new tariff: 61 s at 0.03 a minute, 60/60.
+    result = place_call(tariff, Scenario(answered_ms=61_000))
+    assert result.variables_set["ASTBILL_COST"] == "0.0600", result.dialogue_text()
+    assert tariff.query("SELECT COUNT(*) FROM astledger")[0][0] == 2
 
 
 # -- rates ------------------------------------------------------------------------

@@ -169,9 +169,12 @@ def account_add(store, settings, args):
     if balance < 0:
         raise AdminError("opening balance must not be negative")
     credit_limit, max_calls = checked_limits(args)
+
+    def work(tx):
+        known_tariff(tx, tariff)
+        tx.add_account(account, tariff, balance, timestamp(), credit_limit, max_calls)
     try:
-        write(settings, lambda tx: tx.add_account(account, tariff, balance, timestamp(),
-                                                  credit_limit, max_calls))
+        write(settings, work)
     except Conflict:
         raise AdminError(f"account {account} exists") from None
     account_show(store, settings, args)
@@ -187,8 +190,13 @@ def account_set(store, settings, args):
         changes["max_calls"] = checked_limits(args)[1]
     if not changes:
         raise AdminError("nothing to change: give --tariff, --credit-limit or --max-calls")
+
+    def work(tx):
+        if "tariff" in changes:
+            known_tariff(tx, changes["tariff"])
+        tx.set_account(args.account, changes)
     try:
-        write(settings, lambda tx: tx.set_account(args.account, changes))
+        write(settings, work)
     except NotFound:
         raise AdminError(f"no account {args.account!r}") from None
     account_show(store, settings, args)
@@ -404,6 +412,12 @@ def checked_name(value, what, longest):
     if not value or len(value) > longest or not value.isprintable() or value != value.strip():
         raise AdminError(f"{what} must be 1 to {longest} printable characters")
     return value
+
+
+def known_tariff(tx, tariff):
+    """A tariff is known by its rates: on one without, every call is refused."""
+    if not tx.has_deck("tariff", tariff):
+        raise AdminError(f"unknown tariff {tariff!r}: it has no rates (astbill-admin rate import)")
 
 
 def show_accounts(rows, settings, as_json, single=False):
