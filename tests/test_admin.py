@@ -1,10 +1,13 @@
-"""astbill-admin: exact output and exit codes, on both backends."""
+"""astbill-admin: exact output and exit codes, on every backend."""
+import argparse
 import csv
 import io
 import json
+import shlex
 import subprocess
 import sys
 
+import astbill
 from agipeer import Scenario
 from astbill import admin
 from astbill.ledger import timestamp
@@ -42,19 +45,27 @@ def test_account_add_show_list_and_topup(billing):
 def test_bad_input_is_one_line_and_changes_nothing(tariff):
     billing = tariff
     cases = [
-        (("account", "add", "1001", "--balance", "5"), "astbill-admin: account 1001 exists\n"),
-        (("account", "add", "x", "--balance", "1.5e"),
-         "astbill-admin: not a plain decimal number: '1.5e'\n"),
+        (("account", "add", "1001", "--balance", "5"), "account '1001' exists"),
+        (("account", "add", "x", "--balance", "1.5e"), "not a plain decimal number: '1.5e'"),
         (("account", "add", "x", "--balance", "-1"),
-         "astbill-admin: opening balance must not be negative\n"),
-        (("topup", "1001", "0.0000001"), "astbill-admin: more than 6 decimals: 0.0000001\n"),
-        (("topup", "1001", "-5"), "astbill-admin: top-up amount must be positive\n"),
-        (("topup", "nobody", "5"), "astbill-admin: no account nobody\n"),
-        (("account", "show", "nobody"), "astbill-admin: no account nobody\n"),
-        (("topup", "1001", "NaN"), "astbill-admin: not a plain decimal number: 'NaN'\n"),
+         "opening balance must not be negative: '-1'"),
+        (("account", "add", " 1001", "--balance", "1"), "account must be 1 to 80 printable"
+         " characters, no space at either end: ' 1001'"),
+        (("account", "add", "x", "--balance", "1", "--tariff", "a\tb"), "tariff must be 1 to 40"
+         " printable characters, no space at either end: 'a\\tb'"),
+        (("topup", "1001", "0.0000001"), "more than 6 decimals: 0.0000001"),
+        (("topup", "1001", "-5"), "top-up amount must be above 0: '-5'"),
+        (("topup", "nobody", "5"), "no account 'nobody'"),
+        (("topup", " 1001", "5"), "no account ' 1001'"),
+        (("account", "show", "1001 "), "no account '1001 '"),
+        (("topup", "1001", "NaN"), "not a plain decimal number: 'NaN'"),
+        (("account", "add", "x", "--balance", "1", "--credit-limit", "-1"),
+         "credit limit must not be negative: '-1'"),
+        (("account", "set", "1001 ", "--max-calls", "2"), "no account '1001 '"),
+        (("route", "4930123", "--account", " 1001", "--json"), "no account ' 1001'"),
     ]
     for argv, error in cases:
-        assert billing.admin(*argv) == (1, "", error), argv
+        assert billing.admin(*argv) == (1, "", f"astbill-admin: {error}\n"), argv
     assert billing.admin_ok("account", "list") .splitlines()[1].split()[2] == "10.0000"
     assert billing.query("SELECT COUNT(*) FROM astledger")[0][0] == 1
 
@@ -180,6 +191,98 @@ def test_a_cdr_never_ends_before_its_talk_time(tariff):
     start, answer, end = (epoch(cdr[key]) for key in ("start", "answer", "end"))
     assert (cdr["billsec"], cdr["duration"]) == (125, 125)
     assert (answer - start, end - answer, end - start) == (0, 125, 125)
+
+
+# -- the command line itself ------------------------------------------------------
+
+def test_version_and_the_config_option_before_or_after_the_command(tariff):
+    assert tariff.admin("--version") == (0, f"astbill-admin {astbill.__version__}\n", "")
+    shown = "account  tariff   balance  reserved  available  calls\n" \
+            "1001     default  10.0000  0.0000    10.0000    0\n"
+    assert admin.main(["account", "show", "1001", "-c", str(tariff.config)]) == 0
+    env = {k: v for k, v in tariff.env.items() if k != "ASTBILL_CONFIG"}
+    for argv in (["-c", str(tariff.config), "account", "show", "1001"],
+                 ["account", "show", "1001", "-c", str(tariff.config)],
+                 ["account", "show", "--config", str(tariff.config), "1001"]):
+        result = tariff.admin_process(*argv, env=env)
+        assert (result.returncode, result.stdout, result.stderr) == (0, shown, ""), argv
+
+
+def test_a_mistyped_command_line_is_one_line(billing):
+    cases = [
+        (("cdr", "--limit", "0"), "argument --limit: must be a whole number above 0: '0'", "cdr"),
+        (("cdr", "--limit", "1_0"), "argument --limit: must be a whole number above 0: '1_0'",
+         "cdr"),
+        (("rate", "list", "--tariff", "a", "--trunk", "b"),
+         "argument --trunk: not allowed with argument --tariff", "rate list"),
+        (("cdr", "--json", "--csv"), "argument --csv: not allowed with argument --json", "cdr"),
+        (("rate", "list"), "one of the arguments --tariff --trunk is required", "rate list"),
+        (("account", "add", "1001"), "the following arguments are required: --balance",
+         "account add"),
+        (("account", "drop", "1001"), "argument ACTION: invalid choice: 'drop' (choose from"
+         " 'add', 'set', 'show', 'list')", "account"),
+    ]
+    for argv, error, prog in cases:
+        assert billing.admin(*argv) == (
+            2, "", f"astbill-admin: {error} (see astbill-admin {prog} --help)\n"), argv
+
+
+def each_command(parser=None, path=()):
+    """(words, parser) of the top level and every command under it."""
+    parser = parser or admin.parser()
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from each_command(sub, path + (name,))
+
+
+def test_every_command_and_option_is_described_with_working_examples(billing):
+    commands = list(each_command())
+    assert len(commands) == 22
+    for words, parser in commands:
+        status, out, err = billing.admin(*words, "--help")
+        assert (status, err) == (0, ""), words
+        examples = out.split("\nexamples:\n", 1)[1].split("\n\n")[0].splitlines()
+        assert examples, words
+        for example in examples:
+            argv = shlex.split(example.split(" > ")[0])
+            parsed = admin.parser().parse_args(argv[1:])  # exits (a failure) if it cannot
+            named = [parsed.command] + ([parsed.action] if "action" in parsed else [])
+            assert argv[0] == "astbill-admin" and named[:len(words)] == list(words), example
+        for action in parser._actions:
+            assert action.help, (words, action.dest)
+            assert (action.help == argparse.SUPPRESS) or action.help in " ".join(out.split())
+
+
+def test_a_commands_help_reads_like_this(billing, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    assert billing.admin("account", "set", "--help") == (0, """\
+usage: astbill-admin account set [-h] [-c FILE] [--json] [--tariff TARIFF] [--credit-limit AMOUNT]
+                                 [--max-calls N]
+                                 account
+
+Change an account's tariff or limits.
+
+positional arguments:
+  account               the account to change
+
+options:
+  -h, --help            show this help message and exit
+  -c FILE, --config FILE
+                        the config file (default: $ASTBILL_CONFIG, else conf/astbill.yaml beside
+                        astbill-admin); before or after the command
+  --json                print JSON
+  --tariff TARIFF       the new tariff, one with rates already; calls in progress keep the rate
+                        they started with
+  --credit-limit AMOUNT
+                        postpaid: the balance may go this far below zero (default: unchanged)
+  --max-calls N         calls in progress at most, 0 for no cap (default: unchanged)
+
+examples:
+  astbill-admin account set 1001 --tariff gold
+  astbill-admin account set 1001 --credit-limit 0 --max-calls 4
+""", "")
 
 
 # -- accounts and tariffs ---------------------------------------------------------
@@ -338,6 +441,8 @@ uniqueid  start                account  dst         billsec  disposition  cost  
     assert billing.admin("cdr", "--since", "2026-02-01", "--until", "2026-02-01") == (
         1, "", "astbill-admin: --since '2026-02-01 00:00:00' is not before"
                " --until '2026-02-01 00:00:00'\n")
+    assert billing.admin("cdr", "--account", " 1001") == (
+        1, "", "astbill-admin: no account ' 1001'\n")
     assert billing.admin("cdr", "--since", "2026-02-30") == (
         1, "", "astbill-admin: --since must look like 'YYYY-MM-DD HH:MM' (UTC): '2026-02-30'\n")
 

@@ -2,8 +2,9 @@
 
 Each command opens the configured database, calls one library function
 and prints the result: a table, JSON with --json, CSV with --csv where
-offered.  Library errors become one line on stderr and exit status 1;
-nothing is half-done.  Listings are printed as they are read (CDRs a page
+offered.  A refused command is one line on stderr and exit status 1, and
+changes nothing; a mistyped command line is one line and exit status 2.
+Listings are printed as they are read (CDRs a page
 at a time, in constant memory), so a database failing midway ends one with
 that line.
 """
@@ -14,9 +15,9 @@ import json
 import os
 import stat
 import sys
+import textwrap
 
-from . import config, recovery
-from . import ledger
+from . import __version__, config, ledger, recovery
 from .csvcells import quote
 from .ledger import AUTHORIZE_TRIES, attempt, timestamp
 from .money import D, MoneyError, fmt
@@ -28,6 +29,7 @@ from .store.base import Tx
 
 
 ALWAYS = "1970-01-01 00:00:00"
+PROG = "astbill-admin"
 
 
 class AdminError(Exception):
@@ -46,10 +48,10 @@ def main(argv=None):
         finally:
             store.close()
     except (AdminError, config.ConfigError, StoreError, MoneyError) as exc:
-        sys.stderr.write(f"astbill-admin: {' '.join(str(exc).split())}\n")
+        sys.stderr.write(f"{PROG}: {' '.join(str(exc).split())}\n")
         return 1
     except RatesError as exc:
-        sys.stderr.write("".join(f"astbill-admin: {e}\n" for e in exc.errors))
+        sys.stderr.write("".join(f"{PROG}: {e}\n" for e in exc.errors))
         return 1
     except BrokenPipeError:
         # The reader went away (cdr | head): not worth a traceback at exit.
@@ -58,85 +60,155 @@ def main(argv=None):
     return 0
 
 
+# -- the command line ------------------------------------------------------------
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line like every other error."""
+
+    def error(self, message):
+        self.exit(2, f"{PROG}: {message} (see {self.prog} --help)\n")
+
+
 def parser():
-    p = argparse.ArgumentParser(prog="astbill-admin", description=__doc__.splitlines()[0])
-    p.add_argument("-c", "--config", help="config file (default: $ASTBILL_CONFIG or conf/astbill.yaml)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name, run, help, json_out=True, under=sub):
-        c = under.add_parser(name, help=help)
-        c.set_defaults(run=run)
-        if json_out:
-            c.add_argument("--json", action="store_true", help="print JSON")
-        return c
-
-    command("init-db", init_db, "create the schema, or upgrade it to this version's (safe to run"
-            " twice)", json_out=False)
-    account = sub.add_parser("account", help="add, change, show or list accounts")
-    acc = account.add_subparsers(dest="action", required=True, metavar="ACTION")
-    c = command("add", account_add, "add an account with an opening balance", under=acc)
-    c.add_argument("account")
-    c.add_argument("--balance", required=True)
-    c.add_argument("--tariff", default="default")
-    limits(c)
-    c = command("set", account_set, "change an account's tariff or limits", under=acc)
-    c.add_argument("account")
-    c.add_argument("--tariff")
-    limits(c, default=None)
-    c = command("show", account_show, "balance, reserved and available", under=acc)
-    c.add_argument("account")
-    command("list", account_list, "every account", under=acc)
-    c = command("topup", topup, "add credit to an account")
-    c.add_argument("account")
-    c.add_argument("amount")
-    rate = sub.add_parser("rate", help="import or list a tariff's or a trunk's rates")
-    rates = rate.add_subparsers(dest="action", required=True, metavar="ACTION")
-    c = command("import", rate_import, "import a deck of rates from CSV (replaces the deck"
-                " starting at the same time)", under=rates)
-    c.add_argument("file")
-    deck_owner(c)
-    c.add_argument("--from", dest="starts", metavar="'YYYY-MM-DD HH:MM'",
-                   help="when the deck takes effect, in UTC (default: now)")
-    c = command("list", rate_list, "the rates in force, now or at a moment", under=rates)
-    deck_owner(c)
-    c.add_argument("--prefix", default="")
-    c.add_argument("--at", metavar="'YYYY-MM-DD HH:MM'", help="the deck in force then (UTC)")
-    c.add_argument("--csv", action="store_true", help="print CSV, as rate import reads it")
-    trunk = sub.add_parser("trunk", help="carriers for least-cost routing")
-    trunks = trunk.add_subparsers(dest="action", required=True, metavar="ACTION")
-    c = command("add", trunk_add, "add a trunk, dialled as TEMPLATE", under=trunks)
-    c.add_argument("name")
-    c.add_argument("--dial", required=True, metavar="TEMPLATE",
-                   help="Dial string with {number}, e.g. SIP/carrier-a/{number}")
-    command("list", trunk_list, "every trunk", under=trunks)
-    for name, run, text in (("disable", trunk_disable, "stop routing calls over a trunk"),
-                            ("enable", trunk_enable, "route calls over a trunk again"),
-                            ("remove", trunk_remove, "remove a trunk and its rates")):
-        command(name, run, text, json_out=False, under=trunks).add_argument("name")
-    c = command("route", route, "what a call to NUMBER would get now: status, time, rate,"
-                " trunks in dial order")
-    c.add_argument("number")
-    c.add_argument("--account", required=True)
-    command("calls", calls, "calls in progress (open reservations)")
-    c = command("cdr", cdr, "call detail records, oldest first, as they are read")
-    c.add_argument("--account")
-    c.add_argument("--csv", action="store_true", help="print CSV")
-    c.add_argument("--since", metavar="TIME",
-                   help="only calls started at or after TIME: YYYY-MM-DD or"
-                        " 'YYYY-MM-DD HH:MM[:SS]', UTC")
-    c.add_argument("--until", metavar="TIME",
-                   help="only calls started before TIME (same forms)")
-    c.add_argument("--limit", type=how_many, metavar="N", help="at most N calls")
-    command("sweep", sweep, "settle or release reservations of calls that must be over")
-    command("audit", audit, "check balances against the ledger; exit 1 on any mismatch")
+    p = Parser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+               description="AstBill's operator command line: accounts, top-ups, rates, trunks,"
+                           "\ncalls in progress, CDRs, sweep and audit.",
+               epilog=examples_text([
+                   "init-db", "rate import rates.csv --tariff default",
+                   "account add 1001 --balance 20.00", "topup 1001 10",
+                   "account show 1001 -c /etc/astbill/astbill.yaml",
+                   "cdr --since 2026-01-01 --until 2026-02-01 --csv > january.csv"]) + (
+                   "\n\n'astbill-admin COMMAND --help' describes each command.  A refused command"
+                   "\nis one line on stderr and exit status 1, and changes nothing; a mistyped"
+                   "\ncommand line is one line and exit status 2."))
+    config_option(p, None)
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
+    commands = Commands()
+    commands.add(sub, "init-db", init_db, "create the schema, or upgrade it to this version's"
+                 " (safe to run again)", ["init-db", "-c /etc/astbill/astbill.yaml init-db"],
+                 formats=())
+    account_commands(commands, sub)
+    c = commands.add(sub, "topup", topup, "add credit to an account",
+                     ["topup 1001 10", "topup 1001 2.50 --json"])
+    c.add_argument("account", help="the account to credit")
+    c.add_argument("amount", help="how much, a plain decimal above 0 such as 10 or 2.50")
+    rate_commands(commands, sub)
+    trunk_commands(commands, sub)
+    report_commands(commands, sub)
     return p
 
 
-def limits(c, default="0"):
+class Commands:
+    """Makes the commands' parsers alike: each takes -c, and its --help ends
+    with examples."""
+
+    def __init__(self):
+        self.common = argparse.ArgumentParser(add_help=False)
+        # After the command, -c sets the config; not given there, SUPPRESS
+        # leaves the one given before the command alone.
+        config_option(self.common, argparse.SUPPRESS)
+
+    def page(self, under, name, help, examples, about=""):
+        """A parser: ``help`` in the list of commands, and in its own --help
+        with ``about`` after it."""
+        text = "\n\n".join(textwrap.fill(t, 76) for t in (help[0].upper() + help[1:] + ".", about)
+                           if t)
+        return under.add_parser(name, help=help, description=text,
+                                epilog=examples_text(examples), parents=[self.common],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def add(self, under, name, run, help, examples, formats=("json",), about=""):
+        """A command that ``run``s, printing a table or one of ``formats``."""
+        c = self.page(under, name, help, examples, about)
+        c.set_defaults(run=run)
+        choice = c.add_mutually_exclusive_group() if len(formats) > 1 else c
+        if "json" in formats:
+            choice.add_argument("--json", action="store_true", help="print JSON")
+        if "csv" in formats:
+            choice.add_argument("--csv", action="store_true",
+                                help="print CSV (cells a spreadsheet would take for a formula"
+                                     " start with a ')")
+        return c
+
+    def group(self, under, name, help, examples):
+        """A command whose actions follow it (account add, rate list ...)."""
+        return self.page(under, name, help, examples).add_subparsers(
+            dest="action", required=True, metavar="ACTION", help="one of:")
+
+
+def account_commands(commands, sub):
+    acc = commands.group(sub, "account", "add, change, show or list accounts",
+                         ["account add 1001 --balance 20", "account set 1001 --tariff gold",
+                          "account show 1001", "account list --json"])
+    c = commands.add(acc, "add", account_add, "add an account with an opening balance",
+                     ["account add 1001 --balance 20.00",
+                      "account add 1002 --balance 0 --tariff gold --credit-limit 50 --json",
+                      "account add pbx --balance 100 --max-calls 10"],
+                     about="Its tariff must have rates first (rate import): on a tariff without"
+                           " any, every call would be refused.")
+    c.add_argument("account", help="its name: the accountcode (or caller ID, or channel"
+                                   " variable) calls are billed to")
+    c.add_argument("--balance", required=True, metavar="AMOUNT",
+                   help="the opening balance, a plain decimal such as 20 or 20.00")
+    c.add_argument("--tariff", default="default",
+                   help="its tariff, one with rates already (default: default)")
+    limits(c, "0")
+    c = commands.add(acc, "set", account_set, "change an account's tariff or limits",
+                     ["account set 1001 --tariff gold",
+                      "account set 1001 --credit-limit 0 --max-calls 4"])
+    c.add_argument("account", help="the account to change")
+    c.add_argument("--tariff", help="the new tariff, one with rates already; calls in"
+                                    " progress keep the rate they started with")
+    limits(c, None)
+    c = commands.add(acc, "show", account_show, "show an account's balance, reserved and"
+                     " available credit", ["account show 1001", "account show 1001 --json"])
+    c.add_argument("account", help="the account to show")
+    commands.add(acc, "list", account_list, "list every account",
+                 ["account list", "account list --json"])
+
+
+def limits(c, default):
+    """--credit-limit and --max-calls: their values when ``default`` is "0"
+    (account add), left as they are when it is None (account set)."""
+    unset = "0, prepaid" if default else "unchanged"
     c.add_argument("--credit-limit", default=default, metavar="AMOUNT",
-                   help="postpaid: the balance may go this far below zero")
+                   help=f"postpaid: the balance may go this far below zero (default: {unset})")
+    unset = "0, no cap" if default else "unchanged"
     c.add_argument("--max-calls", default=default, metavar="N",
-                   help="calls in progress at most (0: no cap)")
+                   help=f"calls in progress at most, 0 for no cap (default: {unset})")
+
+
+def rate_commands(commands, sub):
+    rate = commands.group(sub, "rate", "import or list a tariff's or a trunk's rates",
+                          ["rate import rates.csv --tariff default",
+                           "rate list --tariff default --csv"])
+    c = commands.add(rate, "import", rate_import, "import a deck of rates from CSV, replacing"
+                     " the deck that starts at the same time; one bad row and nothing is"
+                     " imported",
+                     ["rate import rates.csv --tariff default",
+                      "rate import 2027.csv --tariff default --from '2027-01-01 00:00'",
+                      "rate import carrier-a.csv --trunk carrier-a --json"],
+                     about="The header is " + ",".join(HEADER) + " (rate per"
+                           " minute), optionally followed by ,days,hours: days all, mon-fri,"
+                           " sat,sun ...; hours 08:00-18:00.  A prefix's rows must cover the"
+                           " week once.  UTF-8; a spreadsheet's byte-order mark is fine.")
+    c.add_argument("file", help="the CSV file")
+    deck_owner(c)
+    c.add_argument("--from", dest="starts", metavar="'YYYY-MM-DD HH:MM'",
+                   help="when the deck takes effect, in UTC (default: now; a tariff's or"
+                        " trunk's first deck: always)")
+    c = commands.add(rate, "list", rate_list, "list the rates in force, now or at a moment;"
+                     " the CSV imports back as it is",
+                     ["rate list --tariff default", "rate list --tariff default --prefix 49 --json",
+                      "rate list --trunk carrier-a --at '2027-01-01 00:00' --csv > deck.csv"],
+                     formats=("json", "csv"),
+                     about="The CSV is the file rate import takes.  A destination a spreadsheet"
+                           " would take for a formula (=, +, -, @ ...) is written with a ' before"
+                           " it, which rate import drops again.")
+    deck_owner(c)
+    c.add_argument("--prefix", help="only the prefixes that start with these digits")
+    c.add_argument("--at", metavar="'YYYY-MM-DD HH:MM'", help="the deck in force then (UTC)")
 
 
 def deck_owner(c):
@@ -145,7 +217,74 @@ def deck_owner(c):
     owner.add_argument("--trunk", help="a trunk: what its carrier charges")
 
 
+def trunk_commands(commands, sub):
+    trunk = commands.group(sub, "trunk", "add, list, disable, enable or remove the carriers"
+                           " of least-cost routing",
+                           ["trunk add carrier-a --dial 'SIP/carrier-a/{number}'",
+                            "trunk list", "trunk disable carrier-a"])
+    c = commands.add(trunk, "add", trunk_add, "add a trunk, dialled as TEMPLATE",
+                     ["trunk add carrier-a --dial 'SIP/carrier-a/{number}'",
+                      "trunk add carrier-b --dial 'PJSIP/{number}@carrier-b' --json"],
+                     about="Calls go over it once it has rates: rate import FILE --trunk NAME.")
+    c.add_argument("name", help="its name, 1 to 40 characters")
+    c.add_argument("--dial", required=True, metavar="TEMPLATE",
+                   help="Dial string with {number}, e.g. SIP/carrier-a/{number}")
+    commands.add(trunk, "list", trunk_list, "list every trunk", ["trunk list", "trunk list --json"])
+    for name, run, text in (("disable", trunk_disable, "stop routing calls over a trunk"),
+                            ("enable", trunk_enable, "route calls over a trunk again"),
+                            ("remove", trunk_remove, "remove a trunk and its rates")):
+        commands.add(trunk, name, run, text, [f"trunk {name} carrier-a"], formats=()).add_argument(
+            "name", help="the trunk")
+
+
+def report_commands(commands, sub):
+    c = commands.add(sub, "route", route, "show what a call to NUMBER would get now: status,"
+                     " time, rate, trunks in dial order",
+                     ["route 004930123456 --account 1001", "route +4915123456 --account 1001 --json"],
+                     about="Nothing is reserved or charged.")
+    c.add_argument("number", help="the number as dialled")
+    c.add_argument("--account", required=True, help="the account that would pay")
+    commands.add(sub, "calls", calls, "list calls in progress (open reservations)",
+                 ["calls", "calls --json"])
+    c = commands.add(
+        sub, "cdr", cdr, "list call detail records, oldest first, as they are read",
+        ["cdr --account 1001 --limit 20",
+         "cdr --since 2026-01-01 --until 2026-02-01 --csv > january.csv",
+         "cdr --since '2026-01-31 12:00' --json"], formats=("json", "csv"),
+        about="Read a page at a time and printed as read, in the same memory"
+              " however many there are.  The table shows the main columns, sized to"
+              f" fit its first {TABLE_WINDOW} rows (a column only widens after that); JSON and"
+              " CSV have every column, and margin: cost less the trunk's buy_cost.  In"
+              " CSV, a cell from a call (caller ID, number, channel ...) that a"
+              " spreadsheet would take for a formula is written with a ' before it;"
+              " amounts and seconds are left as AstBill wrote them, even a negative margin.")
+    c.add_argument("--account", help="only this account's calls")
+    c.add_argument("--since", metavar="TIME",
+                   help="only calls started at or after TIME: YYYY-MM-DD or"
+                        " 'YYYY-MM-DD HH:MM[:SS]', UTC")
+    c.add_argument("--until", metavar="TIME",
+                   help="only calls started before TIME (same forms)")
+    c.add_argument("--limit", type=how_many, metavar="N", help="at most N calls")
+    commands.add(sub, "sweep", sweep, "replay spooled settlements, then settle or release the"
+                 " reservations of calls that must be over (cron runs it every minute)",
+                 ["sweep", "sweep --json"])
+    commands.add(sub, "audit", audit, "check balances and reservations against the ledger,"
+                 " and the spool; exit status 1 on any problem", ["audit", "audit --json"])
+
+
+def config_option(parser, default):
+    parser.add_argument("-c", "--config", metavar="FILE", default=default,
+                        help="the config file (default: $ASTBILL_CONFIG, else"
+                             " conf/astbill.yaml beside astbill-admin); before or after"
+                             " the command")
+
+
+def examples_text(examples):
+    return "examples:\n" + "\n".join(f"  {PROG} {e}" for e in examples)
+
+
 def how_many(text):
+    """A --limit value: digits only (int() would take ' 1', '+1' and '1_0')."""
     if not (text.isascii() and text.isdigit() and len(text) <= 12 and int(text) > 0):
         raise argparse.ArgumentTypeError(f"must be a whole number above 0: {text!r}")
     return int(text)
@@ -167,7 +306,7 @@ def account_add(store, settings, args):
     account, tariff = checked_name(args.account, "account", 80), checked_name(args.tariff, "tariff", 40)
     balance = D(args.balance)
     if balance < 0:
-        raise AdminError("opening balance must not be negative")
+        raise AdminError(f"opening balance must not be negative: {args.balance!r}")
     credit_limit, max_calls = checked_limits(args)
 
     def work(tx):
@@ -176,11 +315,12 @@ def account_add(store, settings, args):
     try:
         write(settings, work)
     except Conflict:
-        raise AdminError(f"account {account} exists") from None
+        raise AdminError(f"account {account!r} exists") from None
     account_show(store, settings, args)
 
 
 def account_set(store, settings, args):
+    account = account_named(args.account)
     changes = {}
     if args.tariff is not None:
         changes["tariff"] = checked_name(args.tariff, "tariff", 40)
@@ -194,18 +334,18 @@ def account_set(store, settings, args):
     def work(tx):
         if "tariff" in changes:
             known_tariff(tx, changes["tariff"])
-        tx.set_account(args.account, changes)
+        tx.set_account(account, changes)
     try:
         write(settings, work)
     except NotFound:
-        raise AdminError(f"no account {args.account!r}") from None
+        raise AdminError(f"no account {account!r}") from None
     account_show(store, settings, args)
 
 
 def checked_limits(args):
     credit_limit = D(args.credit_limit or "0")
     if credit_limit < 0:
-        raise AdminError("credit limit must not be negative")
+        raise AdminError(f"credit limit must not be negative: {args.credit_limit!r}")
     text = args.max_calls or "0"
     if not (text.isascii() and text.isdigit()) or int(text) > 10000:
         raise AdminError(f"max calls must be a whole number from 0 to 10000: {text!r}")
@@ -213,9 +353,10 @@ def checked_limits(args):
 
 
 def account_show(store, settings, args):
-    rows = store.read(lambda tx: tx.accounts(args.account))
+    account = account_named(args.account)
+    rows = store.read(lambda tx: tx.accounts(account))
     if not rows:
-        raise AdminError(f"no account {args.account}")
+        raise AdminError(f"no account {account!r}")
     show_accounts(rows, settings, args.json, single=True)
 
 
@@ -224,13 +365,14 @@ def account_list(store, settings, args):
 
 
 def topup(store, settings, args):
+    account = account_named(args.account)
     amount = D(args.amount)
     if amount <= 0:
-        raise AdminError("top-up amount must be positive")
+        raise AdminError(f"top-up amount must be above 0: {args.amount!r}")
     try:
-        write(settings, lambda tx: tx.change_balance(args.account, amount, "topup", None, timestamp()))
+        write(settings, lambda tx: tx.change_balance(account, amount, "topup", None, timestamp()))
     except NotFound:
-        raise AdminError(f"no account {args.account}") from None
+        raise AdminError(f"no account {account!r}") from None
     account_show(store, settings, args)
 
 
@@ -331,7 +473,7 @@ def route(store, settings, args):
                                    settings["national_prefix"], settings["country_code"])
     if number is None:
         raise AdminError(f"not a number to dial: {args.number!r}")
-    answer, rate = ledger.quote(settings, store, args.account, number)
+    answer, rate = ledger.quote(settings, store, account_named(args.account), number)
     places = settings["decimals"]
     result = {"number": number, "status": answer.status, "max_secs": answer.max_secs,
               "rate": None if rate is None else {
@@ -366,9 +508,9 @@ def cdr(store, settings, args):
     until = moment(args.until, "--until") if args.until else None
     if since and until and since >= until:
         raise AdminError(f"--since {since!r} is not before --until {until!r}")
+    account = None if args.account is None else account_named(args.account)
     places = settings["decimals"]
-    records = (shown_cdr(r, places)
-               for r in store.each_cdr(args.account, since, until, args.limit))
+    records = (shown_cdr(r, places) for r in store.each_cdr(account, since, until, args.limit))
     show(records, style(args), [*Tx.CDR_COLUMNS, "margin"],
          ["uniqueid", "start", "account", "dst", "billsec", "disposition", "cost", "state"])
 
@@ -410,8 +552,18 @@ def write(settings, work):
 
 def checked_name(value, what, longest):
     if not value or len(value) > longest or not value.isprintable() or value != value.strip():
-        raise AdminError(f"{what} must be 1 to {longest} printable characters")
+        raise AdminError(f"{what} must be 1 to {longest} printable characters, no space at"
+                         f" either end: {value!r}")
     return value
+
+
+def account_named(name):
+    """An account name to look up: one ``account add`` would refuse is no
+    account -- said here, since MySQL would match '1001 ' to '1001'."""
+    try:
+        return checked_name(name, "account", 80)
+    except AdminError:
+        raise AdminError(f"no account {name!r}") from None
 
 
 def known_tariff(tx, tariff):
@@ -510,6 +662,6 @@ def warn_if_readable(path):
     except OSError:
         return
     if mode & stat.S_IROTH:
-        sys.stderr.write(f"astbill-admin: warning: {path} is world-readable; "
-                         "it holds the database password (chmod 600)\n")
+        sys.stderr.write(f"{PROG}: warning: {path} is world-readable;"
+                         " it holds the database password (chmod 600)\n")
 
