@@ -18,11 +18,11 @@ import sys
 import textwrap
 
 from . import __version__, config, ledger, recovery
-from .csvcells import quote
 from .ledger import AUTHORIZE_TRIES, attempt, timestamp
 from .money import D, MoneyError, fmt
 from .rating import normalize_destination
-from .rating.decks import HEADER, PERIOD_HEADER, RatesError, checked_prefix, read_rates
+from .rating.decks import (HEADER, PERIOD_HEADER, RatesError, checked_prefix, quote_cell,
+                           read_rates)
 from .rating.periods import format_days, format_hours
 from .store import Conflict, NotFound, StoreError, open_store
 from .store.base import Tx
@@ -631,7 +631,7 @@ def print_csv(records, columns):
     writer = csv.writer(sys.stdout)
     writer.writerow(columns)
     for r in records:
-        writer.writerow([r[c] if c in OWN_NUMBERS else quote(r[c]) for c in columns])
+        writer.writerow([r[c] if c in OWN_NUMBERS else quote_cell(r[c]) for c in columns])
 
 
 # Rows a table's column widths are measured on before it starts printing.

@@ -86,12 +86,11 @@ def parse_rates(lines, owner, name="rates"):
 def parse_row(row, width):
     if len(row) != width:
         raise ValueError(f"expected {width} fields, found {len(row)}")
-    from ..csvcells import unquote  # the admin tool's, like csv: not on the call path
     prefix, destination, per_min, fee, min_secs, increment = (f.strip() for f in row[:6])
     checked_prefix(prefix)
     # As ``rate list --csv`` wrote it: a quote before what a spreadsheet
     # would take for a formula.
-    destination = unquote(destination)
+    destination = unquote_cell(destination)
     if not destination or len(destination) > 80:
         raise ValueError("destination must be 1 to 80 characters")
     rate = Rate(None, prefix, destination, _amount("rate", per_min), _amount("connect_fee", fee),
@@ -137,3 +136,37 @@ def _whole(field, text, least):
     if not text.isascii() or not text.isdigit() or int(text) < least or int(text) > 86400:
         raise ValueError(f"{field} must be a whole number from {least} to 86400: {text!r}")
     return int(text)
+
+
+# -- cells of the CSV that AstBill writes, safe to open in a spreadsheet -----------
+#
+# A cell that starts with = + - @, a tab or a carriage return is a formula to
+# Excel, LibreOffice and Google Sheets: a caller ID of ``=1+1`` would be
+# computed, and worse ones run.  As OWASP advises (CSV injection), such a
+# cell is written with a single quote before it, which spreadsheets take as
+# "this is text".  That is done to every cell that comes from data (caller
+# IDs, numbers, channels, account and tariff names, destinations); the
+# numbers AstBill itself writes -- amounts and seconds -- are left as they
+# are, even a negative one (a call's margin, when a trunk charged more than
+# the caller paid): a spreadsheet reads ``-0.0100`` as the number it is,
+# never as a formula.
+#
+# A cell that starts with a quote itself is quoted too, so that unquote_cell
+# undoes exactly what quote_cell did: the rates ``rate list --csv`` prints
+# import back unchanged.
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def quote_cell(value):
+    """``value`` as a cell a spreadsheet shows as text."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+def unquote_cell(text):
+    """A cell read back: without the quote that ``quote_cell`` put before it."""
+    if text.startswith("'") and text[1:].startswith(FORMULA_STARTS):
+        return text[1:]
+    return text
