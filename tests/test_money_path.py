@@ -206,6 +206,7 @@ def test_a_bad_reservation_is_skipped_and_named_and_the_rest_are_swept(tariff):
     store.close()
     tariff.backdate(7200)
     done = {d.pop("uniqueid"): d for d in tariff.sweep()}
+    assert tariff.cdr(good)["lastdata"] == "PJSIP/4912345678@trunk"   # kept by the sweep
     assert done == {bad: {"account": "1001", "action": "skipped", "reason": f"no call {bad!r}"},
                     good: {"account": "1001", "action": "released", "cost": Decimal(0),
                            "billsec": 0}}

@@ -467,12 +467,14 @@ def complete(tx, call, account, billsec, cost, state, kind, release=None, buy_co
     if cost or release:
         tx.change_balance(account, -cost, kind, call.uniqueid, now, release)
     ended = max(call.ended, call.started + billsec)
-    tx.close_cdr(call.uniqueid, {
-        "answer": timestamp(ended - billsec) if billsec else None,
-        "end": timestamp(ended), "duration": max(call.duration, billsec), "billsec": billsec,
-        "disposition": DISPOSITION.get(call.dialstatus, "FAILED"),
-        "dstchannel": call.dstchannel[:80], "cost": cost, "state": state,
-        "trunk": call.trunk, "lastdata": call.dial[:255], "buy_cost": buy_cost})
+    fields = {"answer": timestamp(ended - billsec) if billsec else None,
+              "end": timestamp(ended), "duration": max(call.duration, billsec),
+              "billsec": billsec, "disposition": DISPOSITION.get(call.dialstatus, "FAILED"),
+              "dstchannel": call.dstchannel[:80], "cost": cost, "state": state,
+              "buy_cost": buy_cost}
+    if call.dial:  # what was dialled last (the sweep knows nothing of it)
+        fields.update(trunk=call.trunk, lastdata=call.dial[:255])
+    tx.close_cdr(call.uniqueid, fields)
 
 
 def note_lock_wait(call, seconds):
