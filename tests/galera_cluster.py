@@ -47,7 +47,7 @@ try:  # optional: quicker than one client process per statement
 except ImportError:  # pragma: no cover - depends on the environment
     pymysql = None
 
-from mariadb_server import find_mariadbd
+from mariadb_server import _which, find_mariadbd
 
 ROOT_PASSWORD = "astbill-test-pw"
 # Accounts for the tests: the socket (localhost) and TCP on loopback.
@@ -72,18 +72,24 @@ _MAX_SOCKET_PATH = 100
 Row = Tuple[Optional[str], ...]
 
 
+def missing_parts() -> list[str]:
+    """What a cluster needs that this machine lacks (Debian package names)."""
+    missing = []
+    if find_galera() is None:
+        missing.append("galera-4")
+    if find_mariadbd() is None:
+        missing.append("mariadb-server")
+    if shutil.which("rsync") is None:
+        missing.append("rsync")
+    if pymysql is None:
+        missing.append("PyMySQL")
+    return missing
+
+
 def find_galera() -> str | None:
     """Path to the Galera provider library, or None if it is not installed."""
     for path in GALERA_PROVIDERS:
         if os.path.isfile(path):
-            return path
-    return None
-
-
-def _which(*names: str) -> str | None:
-    for name in names:
-        path = shutil.which(name)
-        if path:
             return path
     return None
 

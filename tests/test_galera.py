@@ -6,7 +6,6 @@ locks on one node only: what keeps one account from being overspent across
 nodes is that every authorization writes the account row, so the cluster's
 certification refuses the later one and AstBill runs it again whole.
 """
-import os
 import threading
 import time
 from decimal import Decimal
@@ -14,24 +13,14 @@ from decimal import Decimal
 import pytest
 
 from agipeer import Scenario
-from conftest import RATES, Billing, invariants, place_call, start_held_call
-from galera_cluster import FAST_EVICTION, GaleraCluster
-from test_galera_cluster_selftest import _missing
+from conftest import RATES, Billing, invariants, place_call, running_cluster, start_held_call
 
 BOXES = 3
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    missing = _missing()
-    if missing:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"not installed: {', '.join(missing)}; under CI every Galera test must run")
-        pytest.skip(f"not installed: {', '.join(missing)}")
-    c = GaleraCluster(tmp_path_factory.mktemp("fleet"), provider_options=FAST_EVICTION)
-    c.start()
-    yield c
-    c.stop()
+    yield from running_cluster(tmp_path_factory, "fleet")
 
 
 _databases = iter(range(1, 1000))

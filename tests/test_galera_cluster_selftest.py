@@ -5,45 +5,18 @@ Without galera-4, mariadbd or rsync they are skipped, except under CI (CI=true),
 where that is a failure.
 """
 
-import os
-import shutil
 import time
 import urllib.parse
 
 import pytest
 
-from galera_cluster import FAST_EVICTION, GaleraCluster, SQLError, find_galera
-from mariadb_server import find_mariadbd
-
-
-def _missing() -> list[str]:
-    missing = []
-    if find_galera() is None:
-        missing.append("galera-4")
-    if find_mariadbd() is None:
-        missing.append("mariadb-server")
-    if shutil.which("rsync") is None:
-        missing.append("rsync")
-    try:
-        import pymysql  # noqa: F401
-    except ImportError:
-        missing.append("PyMySQL")
-    return missing
+from conftest import running_cluster
+from galera_cluster import SQLError
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    missing = _missing()
-    if missing:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"not installed: {', '.join(missing)}; under CI every Galera test must run")
-        pytest.skip(f"not installed: {', '.join(missing)}")
-    c = GaleraCluster(tmp_path_factory.mktemp("galera"), provider_options=FAST_EVICTION)
-    seconds = c.start()
-    print(f"three nodes Synced after {seconds:.2f}s")
-    yield c
-    c.stop()
-    assert c.live == []
+    yield from running_cluster(tmp_path_factory, "galera")
 
 
 def connect(url: str, **kw):
