@@ -162,13 +162,19 @@ def prepare_routed(workdir, database, label, prefixes):
 
 
 def new_database(workdir, database, label):
-    config = workdir / f"{label}.yaml"
-    config.write_text(f"database: {database}\ndial: \"PJSIP/{{number}}@trunk\"\n"
-                      f"spool_dir: {workdir}\n")
-    config.chmod(0o600)
+    config = write_config(workdir, database, label)
     store = open_store(dict(load(str(config)), create_database=True))
     store.migrate()
     store.close()
+    return config
+
+
+def write_config(workdir, database, label, driver="auto"):
+    """A config for ``database``, through the MySQL ``driver``."""
+    config = workdir / f"{label}.yaml"
+    config.write_text(f"database: {database}\ndial: \"PJSIP/{{number}}@trunk\"\n"
+                      f"spool_dir: {workdir}\nmysql_driver: {driver}\n")
+    config.chmod(0o600)
     return config
 
 
@@ -315,13 +321,23 @@ def main():
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def print_cell(name, label, samples, floor):
+    """Print a cell's authorize and settle rows; its authorize x floor."""
+    auth = [s.authorize for s in samples]
+    print(f"{name:52}{med(auth):8.1f}{p95(auth):8.1f}{med(floor):8.1f}"
+          f"{med(auth) / med(floor):9.2f}")
+    settle = [s.settle for s in samples]
+    print(f"{label + ' settle':52}{med(settle):8.1f}{p95(settle):8.1f}")
+    return med(auth) / med(floor)
+
+
 def report(workdir, backends, args):
     env = {k: v for k, v in os.environ.items() if k != "ASTBILL_TIMINGS"}
     print(f"machine: {os.uname().machine}, {os.cpu_count()} cores, Python {sys.version.split()[0]},"
           f" {args.runs} calls per cell; times in ms (median / p95)")
     print("floor: `python -c pass`, run before each call of the cell, in turn with it\n")
     floor_rss = floor_rss_kb()
-    print(f"{'':44}{'median':>8}{'p95':>8}{'floor':>8}{'x floor':>9}")
+    print(f"{'':52}{'median':>8}{'p95':>8}{'floor':>8}{'x floor':>9}")
     rss = {}
     for label, database, routed_database in backends:
         config = prepare(workdir, database, label.lower())
@@ -338,22 +354,24 @@ def report(workdir, backends, args):
                     after = questions(config)
                     per_call = ((after[0] - before[0] - 1) / args.runs, (after[1] - before[1] - 1) / args.runs)
                 prefixes = "100" if tariff == "small" else "100,000"
-                auth = [s.authorize for s in samples]
-                cells[(prefixes, cdr_label)] = med(auth) / med(floor)
                 name = f"{label} authorize, {prefixes} prefixes, {cdr_label} CDRs"
-                print(f"{name:44}{med(auth):8.1f}{p95(auth):8.1f}{med(floor):8.1f}"
-                      f"{med(auth) / med(floor):9.2f}")
-                settle = [s.settle for s in samples]
-                name = f"{label} settle"
-                print(f"{name:44}{med(settle):8.1f}{p95(settle):8.1f}")
+                cells[(prefixes, cdr_label)] = print_cell(name, label, samples, floor)
                 rss[label] = max(s.rss_kb for s in samples)
+                if label == "MariaDB" and cdr_label == "0" and tariff == "small":
+                    # The same database through the fallback driver.
+                    env["ASTBILL_CONFIG"] = str(write_config(workdir, database, "pymysql", "pymysql"))
+                    samples, floor = latency(env, tariff, number, args.runs)
+                    print_cell("MariaDB (PyMySQL) authorize, 100 prefixes, 0 CDRs",
+                               "MariaDB (PyMySQL)", samples, floor)
+                    rss["MariaDB (PyMySQL)"] = max(s.rss_kb for s in samples)
+                    env["ASTBILL_CONFIG"] = str(config)
         env["ASTBILL_CONFIG"] = str(prepare_routed(workdir, routed_database, label.lower() + "-routed",
                                                    args.trunk_prefixes))
         samples, floor = latency(env, "carrier", "4912345678", args.runs)
         auth = [s.authorize for s in samples]
         routed = med(auth) / med(floor)
         name = f"{label} authorize, {TRUNKS} trunks x {args.trunk_prefixes:,} x 4 periods"
-        print(f"{name:44}{med(auth):8.1f}{p95(auth):8.1f}{med(floor):8.1f}{routed:9.2f}")
+        print(f"{name:52}{med(auth):8.1f}{p95(auth):8.1f}{med(floor):8.1f}{routed:9.2f}")
         base = cells[("100", "0")]
         print(f"  {label}, x floor over x floor: 100,000 prefixes / 100 = {cells[('100,000', '0')] / base:.2f};"
               f" {args.cdr_rows:,} CDRs / 0 = {cells[('100', f'{args.cdr_rows:,}')] / base:.2f};"
