@@ -253,6 +253,37 @@ def questions(config):
     return int(rows["Questions"]), int(rows["Connections"])
 
 
+# The standard library modules PyMySQL imports that a call on mysqlclient
+# never loads: the part of PyMySQL's cost no choice of AstBill's can avoid.
+PYMYSQL_STDLIB = "socket, re, hashlib, datetime, configparser, struct"
+DRIVER_COST = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from astbill.config import load
+from astbill.store import mysql, open_store
+settings = load(sys.argv[2])
+started = time.perf_counter()
+if sys.argv[3] == "stdlib":
+    import %s
+    print(time.perf_counter() - started, 0)
+else:
+    store = open_store(settings)
+    loaded = time.perf_counter()
+    store.connection()
+    print(loaded - started, time.perf_counter() - loaded)
+""" % PYMYSQL_STDLIB
+
+
+def driver_costs(config, runs, what="driver"):
+    """Median ms to import the configured MySQL driver and to connect, each
+    run in a fresh interpreter that has loaded the rest of AstBill already;
+    or, for what="stdlib", to import PYMYSQL_STDLIB there instead."""
+    costs = [subprocess.run([PY, "-c", DRIVER_COST, str(ROOT / "lib"), str(config), what],
+                            check=True, capture_output=True, text=True).stdout.split()
+             for _ in range(runs)]
+    return [statistics.median(float(c[i]) for c in costs) * 1000 for i in (0, 1)]
+
+
 # -- the runs ----------------------------------------------------------------
 
 def latency(env, account, number, runs):
@@ -379,6 +410,13 @@ def report(workdir, backends, args):
         if label == "MariaDB":
             print(f"  MariaDB: {per_call[0]:.1f} statements and {per_call[1]:.1f} connections per call,"
                   " none open while the call is up")
+            mysqlclient, pymysql = (driver_costs(workdir / f"{name}.yaml", args.runs)
+                                    for name in ("mariadb", "pymysql"))
+            stdlib = driver_costs(workdir / "pymysql.yaml", args.runs, "stdlib")[0]
+            print(f"  where the drivers' time goes (ms, fresh interpreter): mysqlclient import"
+                  f" {mysqlclient[0]:.1f}, connect {mysqlclient[1]:.1f}; PyMySQL import"
+                  f" {pymysql[0]:.1f}, connect {pymysql[1]:.1f};\n  of PyMySQL's import,"
+                  f" {stdlib:.1f} is the standard library it needs ({PYMYSQL_STDLIB})")
         print()
     print(f"peak RSS: floor {floor_rss / 1024:.1f} MB; " + "; ".join(
         f"{label} live call {kb / 1024:.1f} MB ({kb / floor_rss:.2f}x)" for label, kb in rss.items()))
