@@ -77,6 +77,22 @@ def test_a_missing_or_old_driver_is_named_in_one_line(installed, modules, driver
     assert str(caught.value) == message
 
 
+def test_a_driver_that_is_installed_but_cannot_be_loaded_says_why(tmp_path, monkeypatch):
+    package = tmp_path / "MySQLdb"
+    package.mkdir()
+    (package / "__init__.py").write_text("from . import _mysql\n")
+    (package / "_mysql.py").write_text(
+        "raise ImportError('libmariadb.so.3: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("MySQLdb", "MySQLdb._mysql"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(StoreError) as caught:
+        mysql.load_driver("mysqlclient")
+    assert str(caught.value) == (
+        "no usable MySQL driver: mysqlclient cannot be loaded (libmariadb.so.3: cannot open"
+        " shared object file): install python3-mysqldb")
+
+
 def test_mysqlclient_before_2_1_gets_its_own_keywords(installed):
     """mysqlclient 2.1 renamed _mysql.connect's passwd and db (Debian 12 has 1.4.6)."""
     for version, names, not_these in (((1, 4, 6), ("passwd", "db"), ("password", "database")),
