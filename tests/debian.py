@@ -12,6 +12,8 @@ import subprocess
 
 import pytest
 
+from conftest import ROOT
+
 PYTHON = "/usr/bin/python3"
 # Module -> the Debian package that ships it.
 PACKAGES = {"yaml": "python3-yaml", "MySQLdb._mysql": "python3-mysqldb",
@@ -50,7 +52,6 @@ def env(**extra):
 
 def install_program(directory):
     """Copy AstBill's program files into ``directory``, as INSTALL does."""
-    from conftest import ROOT
     for name in PROGRAM:
         source = ROOT / name
         if source.is_dir():
