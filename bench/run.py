@@ -162,13 +162,19 @@ def prepare_routed(workdir, database, label, prefixes):
 
 
 def new_database(workdir, database, label):
-    config = workdir / f"{label}.yaml"
-    config.write_text(f"database: {database}\ndial: \"PJSIP/{{number}}@trunk\"\n"
-                      f"spool_dir: {workdir}\n")
-    config.chmod(0o600)
+    config = write_config(workdir, database, label)
     store = open_store(dict(load(str(config)), create_database=True))
     store.migrate()
     store.close()
+    return config
+
+
+def write_config(workdir, database, label, driver="auto"):
+    """A config for ``database``, through the MySQL ``driver``."""
+    config = workdir / f"{label}.yaml"
+    config.write_text(f"database: {database}\ndial: \"PJSIP/{{number}}@trunk\"\n"
+                      f"spool_dir: {workdir}\nmysql_driver: {driver}\n")
+    config.chmod(0o600)
     return config
 
 
@@ -247,6 +253,37 @@ def questions(config):
     return int(rows["Questions"]), int(rows["Connections"])
 
 
+# The standard library modules PyMySQL imports that a call on mysqlclient
+# never loads: the part of PyMySQL's cost no choice of AstBill's can avoid.
+PYMYSQL_STDLIB = "socket, re, hashlib, datetime, configparser, struct"
+DRIVER_COST = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from astbill.config import load
+from astbill.store import mysql, open_store
+settings = load(sys.argv[2])
+started = time.perf_counter()
+if sys.argv[3] == "stdlib":
+    import %s
+    print(time.perf_counter() - started, 0)
+else:
+    store = open_store(settings)
+    loaded = time.perf_counter()
+    store.connection()
+    print(loaded - started, time.perf_counter() - loaded)
+""" % PYMYSQL_STDLIB
+
+
+def driver_costs(config, runs, what="driver"):
+    """Median ms to import the configured MySQL driver and to connect, each
+    run in a fresh interpreter that has loaded the rest of AstBill already;
+    or, for what="stdlib", to import PYMYSQL_STDLIB there instead."""
+    costs = [subprocess.run([PY, "-c", DRIVER_COST, str(ROOT / "lib"), str(config), what],
+                            check=True, capture_output=True, text=True).stdout.split()
+             for _ in range(runs)]
+    return [statistics.median(float(c[i]) for c in costs) * 1000 for i in (0, 1)]
+
+
 # -- the runs ----------------------------------------------------------------
 
 def latency(env, account, number, runs):
@@ -315,13 +352,23 @@ def main():
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def print_cell(name, label, samples, floor):
+    """Print a cell's authorize and settle rows; its authorize x floor."""
+    auth = [s.authorize for s in samples]
+    print(f"{name:52}{med(auth):8.1f}{p95(auth):8.1f}{med(floor):8.1f}"
+          f"{med(auth) / med(floor):9.2f}")
+    settle = [s.settle for s in samples]
+    print(f"{label + ' settle':52}{med(settle):8.1f}{p95(settle):8.1f}")
+    return med(auth) / med(floor)
+
+
 def report(workdir, backends, args):
     env = {k: v for k, v in os.environ.items() if k != "ASTBILL_TIMINGS"}
     print(f"machine: {os.uname().machine}, {os.cpu_count()} cores, Python {sys.version.split()[0]},"
           f" {args.runs} calls per cell; times in ms (median / p95)")
     print("floor: `python -c pass`, run before each call of the cell, in turn with it\n")
     floor_rss = floor_rss_kb()
-    print(f"{'':44}{'median':>8}{'p95':>8}{'floor':>8}{'x floor':>9}")
+    print(f"{'':52}{'median':>8}{'p95':>8}{'floor':>8}{'x floor':>9}")
     rss = {}
     for label, database, routed_database in backends:
         config = prepare(workdir, database, label.lower())
@@ -338,22 +385,24 @@ def report(workdir, backends, args):
                     after = questions(config)
                     per_call = ((after[0] - before[0] - 1) / args.runs, (after[1] - before[1] - 1) / args.runs)
                 prefixes = "100" if tariff == "small" else "100,000"
-                auth = [s.authorize for s in samples]
-                cells[(prefixes, cdr_label)] = med(auth) / med(floor)
                 name = f"{label} authorize, {prefixes} prefixes, {cdr_label} CDRs"
-                print(f"{name:44}{med(auth):8.1f}{p95(auth):8.1f}{med(floor):8.1f}"
-                      f"{med(auth) / med(floor):9.2f}")
-                settle = [s.settle for s in samples]
-                name = f"{label} settle"
-                print(f"{name:44}{med(settle):8.1f}{p95(settle):8.1f}")
+                cells[(prefixes, cdr_label)] = print_cell(name, label, samples, floor)
                 rss[label] = max(s.rss_kb for s in samples)
+                if label == "MariaDB" and cdr_label == "0" and tariff == "small":
+                    # The same database through the fallback driver.
+                    env["ASTBILL_CONFIG"] = str(write_config(workdir, database, "pymysql", "pymysql"))
+                    samples, floor = latency(env, tariff, number, args.runs)
+                    print_cell("MariaDB (PyMySQL) authorize, 100 prefixes, 0 CDRs",
+                               "MariaDB (PyMySQL)", samples, floor)
+                    rss["MariaDB (PyMySQL)"] = max(s.rss_kb for s in samples)
+                    env["ASTBILL_CONFIG"] = str(config)
         env["ASTBILL_CONFIG"] = str(prepare_routed(workdir, routed_database, label.lower() + "-routed",
                                                    args.trunk_prefixes))
         samples, floor = latency(env, "carrier", "4912345678", args.runs)
         auth = [s.authorize for s in samples]
         routed = med(auth) / med(floor)
         name = f"{label} authorize, {TRUNKS} trunks x {args.trunk_prefixes:,} x 4 periods"
-        print(f"{name:44}{med(auth):8.1f}{p95(auth):8.1f}{med(floor):8.1f}{routed:9.2f}")
+        print(f"{name:52}{med(auth):8.1f}{p95(auth):8.1f}{med(floor):8.1f}{routed:9.2f}")
         base = cells[("100", "0")]
         print(f"  {label}, x floor over x floor: 100,000 prefixes / 100 = {cells[('100,000', '0')] / base:.2f};"
               f" {args.cdr_rows:,} CDRs / 0 = {cells[('100', f'{args.cdr_rows:,}')] / base:.2f};"
@@ -361,6 +410,13 @@ def report(workdir, backends, args):
         if label == "MariaDB":
             print(f"  MariaDB: {per_call[0]:.1f} statements and {per_call[1]:.1f} connections per call,"
                   " none open while the call is up")
+            mysqlclient, pymysql = (driver_costs(workdir / f"{name}.yaml", args.runs)
+                                    for name in ("mariadb", "pymysql"))
+            stdlib = driver_costs(workdir / "pymysql.yaml", args.runs, "stdlib")[0]
+            print(f"  where the drivers' time goes (ms, fresh interpreter): mysqlclient import"
+                  f" {mysqlclient[0]:.1f}, connect {mysqlclient[1]:.1f}; PyMySQL import"
+                  f" {pymysql[0]:.1f}, connect {pymysql[1]:.1f};\n  of PyMySQL's import,"
+                  f" {stdlib:.1f} is the standard library it needs ({PYMYSQL_STDLIB})")
         print()
     print(f"peak RSS: floor {floor_rss / 1024:.1f} MB; " + "; ".join(
         f"{label} live call {kb / 1024:.1f} MB ({kb / floor_rss:.2f}x)" for label, kb in rss.items()))

@@ -1,9 +1,9 @@
 """A scripted AGI peer that plays Asterisk 20 to an AGI script, for tests.
 
-Built from the recorded Asterisk 20 transcripts (``../shared/agi`` beside this
-repository: its README.md and ``transcripts/*.txt``, the exact bytes a real
-Asterisk 20 sent to an AGI script and what the script wrote back).  Comments
-name the transcript each behaviour comes from.  Standard library only.
+Built from the recorded Asterisk 20 transcripts (``tests/recorded``: its
+README.md and ``*.txt``, the exact bytes a real Asterisk 20 sent to an AGI
+script and what the script wrote back).  Comments name the transcript each
+behaviour comes from.  Standard library only.
 
 Typical use::
 

@@ -1,13 +1,12 @@
 """Self-test of tests/agipeer.py against a tiny AGI script written per test.
 
 The expected reply lines are the ones the recorded Asterisk 20 transcripts
-show; test_replays_recorded_transcript replays those recordings command by
-command when they are present beside the repository (../shared/agi).
+show; test_replays_recorded_transcript replays those recordings (tests/recorded)
+command by command.
 """
 
 import ast
 import os
-import pathlib
 import re
 import signal
 import sys
@@ -18,7 +17,7 @@ import pytest
 
 from agipeer import AgiPeerTimeout, ENV_KEYS, Scenario, agi_env, parse_args, run_call, start_call
 
-TRANSCRIPTS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "agi" / "transcripts"
+from recorded import TRANSCRIPTS
 
 # Reads the env block (echoed to stderr as a bytes repr), then sends each
 # argument as one command and reads its reply; "{prev}" in a command is the
@@ -101,8 +100,6 @@ def test_env_block_bytes_and_order(tiny):
 
 def test_env_keys_in_recorded_order():
     recording = TRANSCRIPTS / "sip-caller_hangup.txt"
-    if not recording.exists():
-        pytest.skip("recorded transcripts not present")
     keys = re.findall(r"AST>  b'(agi_\w+):", recording.read_text())
     assert tuple(keys) == ENV_KEYS
 
@@ -319,6 +316,12 @@ RECORDINGS = sorted(
     if re.sub(r"^(extra-)?(local|sip)-", "", path.stem) in REPLAYED)
 
 
+def test_every_replayed_scenario_has_its_recordings():
+    # An empty or partial tests/recorded would otherwise replay nothing, silently.
+    replayed = {re.sub(r"^(extra-)?(local|sip)-", "", name[:-4]) for name in RECORDINGS}
+    assert replayed == set(REPLAYED)
+
+
 def recorded_exchanges(path):
     """[(command, reply or None)] from a transcript's byte log, env block left out."""
     log = path.read_text().split("== Asterisk log")[0]
@@ -342,7 +345,6 @@ def comparable(command, reply):
     return command, reply
 
 
-@pytest.mark.skipif(not RECORDINGS, reason="recorded transcripts not present")
 @pytest.mark.parametrize("name", RECORDINGS)
 def test_replays_recorded_transcript(tiny, name):
     recorded = recorded_exchanges(TRANSCRIPTS / name)

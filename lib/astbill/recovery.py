@@ -311,7 +311,9 @@ def set_aside(path, why):
     except OSError:
         return
     try:
-        with open(path + BAD + ".why", "w", encoding="utf-8") as f:
+        # Owner only, as the record beside it: why quotes what the record holds.
+        fd = os.open(path + BAD + ".why", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(f"{' '.join(str(why).split())}\n")
     except OSError:
         pass

@@ -7,19 +7,78 @@ are bounded per session by innodb_lock_wait_timeout.
 """
 import os
 
-from .base import Store
+from .base import Store, StoreError
+
+# The oldest releases AstBill drives, and why.  mysqlclient: its C module is
+# MySQLdb._mysql since 1.4.0 and takes the charset before connecting since
+# 1.4.4 (Debian 12 ships 1.4.6, Debian 13 2.2).  PyMySQL: 1.0 takes every
+# keyword _connect_one passes (Debian 12 ships 1.0.2, Debian 13 1.1).
+OLDEST = {"mysqlclient": (1, 4, 4), "pymysql": (1, 0)}
+# mysqlclient 2.1 renamed _mysql.connect's passwd and db keywords.
+MYSQLCLIENT_RENAMED = (2, 1)
+_INSTALL = {"mysqlclient": "python3-mysqldb", "pymysql": "python3-pymysql"}
 
 
 def load_driver(name):
-    """The driver module: mysqlclient's C module itself, or PyMySQL."""
-    if name in ("auto", "mysqlclient"):
+    """The driver module: mysqlclient's C module itself, or PyMySQL.
+
+    ``auto`` takes mysqlclient when it is installed and recent enough, else
+    PyMySQL.  A driver that is missing or too old is a StoreError saying so
+    in one line.
+    """
+    candidates = ("mysqlclient", "pymysql") if name == "auto" else (name,)
+    problems = []
+    for driver in candidates:
         try:
-            from MySQLdb import _mysql
-            return _mysql
-        except ImportError:
-            if name == "mysqlclient":
-                raise
-    import pymysql
+            module = _import_mysqlclient() if driver == "mysqlclient" else _import_pymysql()
+        except ImportError as exc:
+            if isinstance(exc, ModuleNotFoundError) and exc.name in ("MySQLdb", "pymysql"):
+                problems.append(f"{driver} is not installed")
+            else:  # installed, but e.g. the C library it was built against is gone
+                problems.append(f"{driver} cannot be loaded ({' '.join(str(exc).split())})")
+            continue
+        found = driver_version(module)
+        if found >= OLDEST[driver]:
+            return module
+        problems.append(f"{driver} {'.'.join(map(str, found))} is too old (AstBill needs"
+                        f" {'.'.join(map(str, OLDEST[driver]))} or later)")
+    wanted = " or ".join(_INSTALL[driver] for driver in candidates)
+    raise StoreError(f"no usable MySQL driver: {'; '.join(problems)}: install {wanted}")
+
+
+def driver_version(module):
+    """(major, minor, ...) of a driver module load_driver returned."""
+    # pymysql.version_info is the mysqlclient release it imitates.
+    version = module.VERSION if module.__name__ == "pymysql" else module.version_info
+    return tuple(version[:3])
+
+
+def _import_mysqlclient():
+    try:
+        from MySQLdb import _mysql
+    except ImportError:
+        # Before 1.4 the C module was elsewhere: MySQLdb's version says why.
+        import MySQLdb
+        return MySQLdb
+    return _mysql
+
+
+def _import_pymysql():
+    """PyMySQL, imported without the ssl module.
+
+    AstBill's database URL has no TLS options and mysqlclient uses none
+    unasked, so PyMySQL is told the same (ssl_disabled).  PyMySQL treats ssl
+    as optional; importing it anyway costs some 10 ms per call.
+    """
+    import sys
+    if "ssl" in sys.modules:
+        import pymysql
+        return pymysql
+    sys.modules["ssl"] = None  # `import ssl` raises ImportError meanwhile
+    try:
+        import pymysql
+    finally:
+        del sys.modules["ssl"]
     return pymysql
 
 
@@ -41,6 +100,8 @@ class CConnection:
         conv = {**as_text, **as_int}
         conv[0] = conv[246] = Decimal
         kwargs.pop("autocommit", None)  # the server default; transactions are explicit
+        if driver_version(module) < MYSQLCLIENT_RENAMED:
+            kwargs["passwd"], kwargs["db"] = kwargs.pop("password"), kwargs.pop("database")
         self._conn = module.connect(conv=conv, **kwargs)
         self._rows = ()
         self.rowcount = -1
@@ -178,10 +239,14 @@ class MySQLStore(Store):
 
     def _connect_one(self, args):
         timeout = self.settings["lock_wait_secs"]
-        connect = self.driver.connect
         if self.driver.__name__ == "MySQLdb._mysql":
             def connect(**kwargs):
                 return CConnection(self.driver, **kwargs)
+        else:
+            def connect(**kwargs):
+                # No TLS, as with mysqlclient: PyMySQL 1.2 would otherwise
+                # load the system's CA store on every connect (45 ms).
+                return self.driver.connect(ssl_disabled=True, **kwargs)
         return connect(
             **args, charset="utf8mb4", autocommit=True,
             connect_timeout=self.settings.get("connect_timeout_secs", 1),

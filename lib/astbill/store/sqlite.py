@@ -8,7 +8,10 @@ import os
 import sqlite3
 
 from ..money import from_millionths, to_millionths
-from .base import Store
+from .base import Store, StoreError
+
+# What every file problem below comes down to.
+FIX = "chown it to the user Asterisk runs as"
 
 
 def sqlite_path(url, config_dir=""):
@@ -32,13 +35,65 @@ class SQLiteStore(Store):
         return f"database {self.path}"
 
     def _connect(self):
-        if not os.path.exists(self.path):
+        try:
+            os.stat(self.path)
+        except FileNotFoundError:
             if not self.settings.get("create_database"):
-                raise sqlite3.OperationalError("no such file (run astbill-admin init-db)")
-            # Callers' numbers and balances: readable by the owner and group only.
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660))
+                raise sqlite3.OperationalError("no such file (run astbill-admin init-db)") from None
+            try:
+                # Callers' numbers and balances: readable by the owner and
+                # group only.  SQLite gives its -wal and -shm files the same mode.
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660))
+            except FileExistsError:
+                pass  # another init-db made it meanwhile
+            except OSError as exc:
+                raise sqlite3.OperationalError(f"cannot create it: {exc.strerror}") from None
+        except OSError as exc:
+            raise sqlite3.OperationalError(f"cannot open it: {exc.strerror}") from None
         return sqlite3.connect(self.path, timeout=self.settings["lock_wait_secs"],
                                isolation_level=None)
+
+    def _error(self, exc, kind):
+        """SQLite's "unable to open database file" and "attempt to write a
+        readonly database" name no file: say which one, for whom, and what to do."""
+        problem = self.file_problem() if kind is None else None
+        if problem is None:
+            return super()._error(exc, kind)
+        self.close()
+        return StoreError(problem)
+
+    def file_problem(self):
+        """What keeps this user from the database and its files, or None."""
+        import pwd
+        uid = os.getuid()
+        try:
+            who = f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+        except KeyError:
+            who = f"uid {uid}"
+        path, folder = self.path, os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            return (f"database {path}: its directory {folder} does not exist:"
+                    f" make it (mkdir -p) and {FIX}")
+        if not os.access(folder, os.X_OK):
+            return f"database {path}: its directory {folder} is closed to {who}: {FIX}"
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return f"database {path} is on a read-only filesystem: remount it read-write"
+        if not os.path.exists(path):
+            if self.settings.get("create_database") and not os.access(folder, os.W_OK):
+                return (f"database {path} cannot be made: its directory {folder} is read-only"
+                        f" for {who}: {FIX}")
+            return None  # "no such file (run astbill-admin init-db)" says it
+        if not os.access(path, os.R_OK):
+            return f"database {path} is not readable for {who}: {FIX}"
+        if not os.access(path, os.W_OK):
+            return f"database {path} is read-only for {who}: {FIX}"
+        if not os.access(folder, os.W_OK):
+            return (f"database {path}: its directory {folder} is read-only for {who}, and"
+                    f" SQLite makes its -wal and -shm files there: {FIX}")
+        for companion in (path + "-wal", path + "-shm"):
+            if os.path.exists(companion) and not os.access(companion, os.R_OK | os.W_OK):
+                return f"database {path}: {companion} is read-only for {who}: {FIX}"
+        return None
 
     def _classify(self, exc):
         text = str(exc)
