@@ -203,42 +203,54 @@ class Tx:
         return self.run(sql, params).fetchall()
 
     # -- the per-call path ---------------------------------------------------
-    # A deck in force at a moment: the latest of its owner's starting then.
-    DECK_AT = ("d.kind = '{kind}' AND d.name = {owner} AND d.starts = (SELECT MAX(x.starts)"
-               " FROM astdeck x WHERE x.kind = '{kind}' AND x.name = {owner} AND x.starts <= ?)")
+    # The deck in force at a moment: the latest of its owner's starting then.
+    # Its id is looked up on its own, so that the prices are then found by
+    # (deck, prefix) as constants: MariaDB walks the whole deck when the deck
+    # comes from a join or a subquery (measured: 50 ms at 100,000 prefixes).
+    DECK_AT = ("(SELECT x.id FROM astdeck x WHERE x.kind = '{kind}' AND x.name = {owner}"
+               " AND x.starts <= ? ORDER BY x.starts DESC LIMIT 1)")
     PRICE = ("p.prefix, p.destination, p.days, p.start_min, p.end_min, p.rate, p.connect_fee,"
              " p.min_secs, p.increment")
 
     def account_prices(self, account, prefixes, at):
         """(tariff, [price rows of the longest matching prefix]) in the
         tariff's deck in force ``at``; None when the account does not exist."""
-        marks = ",".join("?" * len(prefixes))
-        deck = self.DECK_AT.format(kind="tariff", owner="a.tariff")
-        rows = self.all(
-            f"SELECT a.tariff, {self.PRICE} FROM astaccount a LEFT JOIN astdeck d ON {deck}"
-            f" LEFT JOIN astprice p ON p.deck = d.id AND p.prefix IN ({marks})"
-            " WHERE a.account = ?", (at, *prefixes, account))
-        if not rows:
+        row = self.one(f"SELECT a.tariff, {self.DECK_AT.format(kind='tariff', owner='a.tariff')}"
+                       " FROM astaccount a WHERE a.account = ?", (at, account))
+        if row is None:
             return None
-        return rows[0][0], self._longest([r[1:] for r in rows if r[1] is not None])
+        return row[0], self._prices([row[1]], prefixes).get(row[1], [])
 
     def trunk_prices(self, prefixes, at, trunk=None):
         """{trunk: (dial, enabled, [price rows of its longest matching
         prefix])} for every trunk (or the one named), each rated by its deck
         in force ``at``."""
-        marks = ",".join("?" * len(prefixes))
-        deck = self.DECK_AT.format(kind="trunk", owner="t.name")
         where = " WHERE t.name = ?" if trunk is not None else ""
+        trunks = self.all(f"SELECT t.name, t.dial, t.enabled,"
+                          f" {self.DECK_AT.format(kind='trunk', owner='t.name')}"
+                          f" FROM asttrunk t{where}", (at,) + ((trunk,) if trunk is not None else ()))
+        prices = self._prices([t[3] for t in trunks], prefixes)
+        return {name: (dial, enabled == 1, prices.get(deck, []))
+                for name, dial, enabled, deck in trunks}
+
+    def tariff_prices(self, tariff, prefix, at):
+        """The price rows of exactly ``prefix`` in ``tariff``'s deck in force ``at``."""
+        deck = self.one(f"SELECT {self.DECK_AT.format(kind='tariff', owner='?')}", (tariff, at))[0]
+        return self._prices([deck], [prefix]).get(deck, [])
+
+    def _prices(self, decks, prefixes):
+        """{deck: [price rows of its longest prefix among ``prefixes``]}."""
+        decks = [d for d in decks if d is not None]
+        if not decks:
+            return {}
         rows = self.all(
-            f"SELECT t.name, t.dial, t.enabled, {self.PRICE} FROM asttrunk t"
-            f" LEFT JOIN astdeck d ON {deck}"
-            f" LEFT JOIN astprice p ON p.deck = d.id AND p.prefix IN ({marks}){where}",
-            (at, *prefixes) + ((trunk,) if trunk is not None else ()))
+            f"SELECT p.deck, {self.PRICE} FROM astprice p WHERE p.deck IN"
+            f" ({','.join('?' * len(decks))}) AND p.prefix IN ({','.join('?' * len(prefixes))})",
+            (*decks, *prefixes))
         found = {}
-        for name, dial, enabled, *price in rows:
-            found.setdefault(name, (dial, enabled == 1, []))[2].append(price)
-        return {name: (dial, enabled, self._longest([p for p in prices if p[0] is not None]))
-                for name, (dial, enabled, prices) in found.items()}
+        for deck, *price in rows:
+            found.setdefault(deck, []).append(price)
+        return {deck: self._longest(prices) for deck, prices in found.items()}
 
     def _longest(self, rows):
         """The rows of the longest prefix among ``rows``, money as Decimal."""
@@ -297,13 +309,6 @@ class Tx:
                 "cost": None if row[9] is None else m(row[9]), "billsec": row[10],
                 "max_cost": None if row[11] is None else m(row[11]), "start": str(row[12]),
                 "number": row[13]}
-
-    def tariff_prices(self, tariff, prefix, at):
-        """The price rows of exactly ``prefix`` in ``tariff``'s deck in force ``at``."""
-        deck = self.DECK_AT.format(kind="tariff", owner="?")
-        return self._longest(self.all(
-            f"SELECT {self.PRICE} FROM astdeck d JOIN astprice p ON p.deck = d.id"
-            f" AND p.prefix = ? WHERE {deck}", (prefix, tariff, tariff, at)))
 
     def final_charge(self, uniqueid):
         """(cost, billsec) of a settled call, read with a lock so that it is
