@@ -123,3 +123,46 @@ def test_settlements_spooled_by_the_first_release_are_replayed_after_the_upgrade
         ("1.2", "settled", Decimal("0.12")), ("1.5", "late", Decimal("0.06"))]
     assert list(release_1.spool.glob("*.settle")) == []
     invariants(release_1, {"1001": Decimal("10")})
+
+
+def test_a_step_that_fails_half_way_leaves_nothing_half_done(release_1):
+    """SQLite runs a step in one transaction; MariaDB resumes at the
+    statement that failed.  Either way, once the cause is gone, init-db
+    finishes the upgrade."""
+    before = dump(release_1)
+    store = release_1.store()
+    store.execute_script(["CREATE TABLE astprice (x INT)"])   # in the way of step 3
+    store.close()
+    status, _, err = release_1.admin("init-db")
+    assert status == 1 and "astprice" in err
+    assert release_1.query("SELECT MAX(version) FROM astschema WHERE applied IS NOT NULL") == [(2,)]
+    if release_1.backend == "sqlite":    # nothing of step 3 is left behind
+        store = release_1.store()
+        assert not store.read(lambda tx: tx.has_table("asttrunk"))
+        store.close()
+    store = release_1.store()
+    store.execute_script(["DROP TABLE astprice"])
+    store.close()
+    assert release_1.admin("init-db") == (
+        0, f"schema upgraded from version 2 to {schema.latest()}\n", "")
+    assert dump(release_1, upgraded=True) == before
+
+
+@pytest.mark.parametrize("release_1", ["mariadb"], indirect=True)   # SQLite has no privileges
+def test_an_upgrade_stopped_by_a_missing_privilege_resumes_where_it_stopped(release_1, request):
+    server = request.getfixturevalue("mariadb")
+    database = release_1.settings["database"].rsplit("/", 1)[1]
+    user = f"r1_{database}"[:32]
+    # What the first release's INSTALL granted: no DROP, no ALTER.
+    server.execute(f"CREATE USER {user}@'%' IDENTIFIED BY 'pw';"
+                   f" GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, INDEX ON `{database}`.* TO {user}@'%'")
+    before = dump(release_1)
+    release_1.write_config(database=f"mysql://{user}:pw@127.0.0.1:{server.port}/{database}")
+    status, out, err = release_1.admin("init-db")
+    assert (status, out) == (1, "")
+    assert err.startswith("astbill-admin: schema step 003-carrier-routing.sql, statement 7 of 11:")
+    assert err.rstrip().endswith("once that is fixed, init-db resumes there")
+    server.execute(f"GRANT ALL ON `{database}`.* TO {user}@'%'")
+    assert release_1.admin("init-db") == (
+        0, f"schema upgraded from version 2 to {schema.latest()}\n", "")
+    assert dump(release_1, upgraded=True) == before

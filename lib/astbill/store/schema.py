@@ -7,6 +7,8 @@ applied.  A database made by the first release (its tables, no
 """
 import os
 
+from .base import StoreError
+
 SQL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))), "sql")
 
@@ -32,16 +34,43 @@ def statements(store, name):
 def current_version(store):
     if not store.read(lambda tx: tx.has_table("astschema")):
         store.execute_script([
-            "CREATE TABLE astschema (version INT NOT NULL, applied {time} NOT NULL,"
-            " PRIMARY KEY (version)) {table}".format(**store.dialect)])
+            "CREATE TABLE astschema (version INT NOT NULL, applied {time} NULL,"
+            " done INT NOT NULL DEFAULT 0, PRIMARY KEY (version)) {table}".format(**store.dialect)])
         if store.read(lambda tx: tx.has_table("astaccount")):
-            record(store, 1)  # made by the first release, before versions
-    return store.read(lambda tx: tx.one("SELECT COALESCE(MAX(version), 0) FROM astschema"))[0]
+            store.atomic(lambda tx: progress(tx, 1, 0, applied=True))  # the first release's
+    return store.read(lambda tx: tx.one(
+        "SELECT COALESCE(MAX(version), 0) FROM astschema WHERE applied IS NOT NULL"))[0]
 
 
-def record(store, version):
-    store.atomic(lambda tx: tx.run("INSERT INTO astschema (version, applied) VALUES (?, {now})",
-                                   (version,)))
+def progress(tx, version, done, applied=False):
+    """Record how far a step got: ``done`` statements, all of them if ``applied``."""
+    if tx.one("SELECT 1 FROM astschema WHERE version = ?", (version,)) is None:
+        tx.run("INSERT INTO astschema (version, done) VALUES (?, 0)", (version,))
+    tx.run("UPDATE astschema SET done = ?, applied = " + ("{now}" if applied else "NULL")
+           + " WHERE version = ?", (done, version))
+
+
+def apply(store, number, name):
+    """Run one step.  Where DDL is transactional (SQLite) the step is all or
+    nothing; elsewhere (MySQL commits each DDL statement) every statement's
+    success is recorded, so a step that failed half-way -- a missing
+    privilege, say -- resumes at the statement that failed."""
+    todo = statements(store, name)
+    if store.dialect.get("transactional_ddl"):
+        def whole(tx):
+            for statement in todo:
+                tx.run(statement)
+            progress(tx, number, len(todo), applied=True)
+        store.atomic(whole)
+        return
+    row = store.read(lambda tx: tx.one("SELECT done FROM astschema WHERE version = ?", (number,)))
+    for at in range(row[0] if row else 0, len(todo)):
+        try:
+            store.execute_script([todo[at]])
+        except StoreError as exc:
+            raise StoreError(f"schema step {name}, statement {at + 1} of {len(todo)}: {exc};"
+                             " once that is fixed, init-db resumes there") from None
+        store.atomic(lambda tx: progress(tx, number, at + 1, applied=at + 1 == len(todo)))
 
 
 def migrate(store):
@@ -50,8 +79,7 @@ def migrate(store):
     before = version = current_version(store)
     for number, name in steps():
         if number > version:
-            store.execute_script(statements(store, name))
-            record(store, number)
+            apply(store, number, name)
             version = number
     return before, version
 

@@ -24,7 +24,7 @@ class SQLiteStore(Store):
     now_sql = "strftime('%Y-%m-%d %H:%M:%S', 'now')"
     table_sql = "SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?"
     dialect = {"money": "INTEGER", "time": "TEXT", "id": "INTEGER NOT NULL", "table": "",
-               "prelude": ("PRAGMA journal_mode=WAL",)}
+               "prelude": ("PRAGMA journal_mode=WAL",), "transactional_ddl": True}
     driver_errors = (sqlite3.Error,)
 
     def __init__(self, settings):
