@@ -293,3 +293,82 @@ def test_the_config_cache_sees_a_file_replaced_within_one_mtime_tick(tmp_path):
         f.write("database: sqlite://c.db")
     os.utime(path, ns=(stamp, stamp))
     assert load(str(path))["database"] == "sqlite://c.db"
+
+
+# -- found by review: a uniqueid run again, a call swept while up, a swept call's price ----------
+
+def test_a_uniqueid_whose_let_through_call_waits_in_the_spool_is_refused_when_the_database_is_back(tariff):
+    good = tariff.settings["database"]
+    tariff.write_config(database=unreachable(tariff), on_db_error="allow", db_error_allow_secs=120)
+    first = place_call(tariff, Scenario(answered_ms=61_000))
+    tariff.write_config(database=good)
+    again = place_call(tariff, Scenario(answered_ms=5_000), agi_uniqueid=first.uniqueid)
+    assert (again.variables_set["ASTBILL_STATUS"], again.dial_args) == ("ERROR", None)
+    tariff.sweep()
+    assert tariff.cdr(first.uniqueid)["cost"] == Decimal("0.12")
+    third = place_call(tariff, Scenario(answered_ms=5_000), agi_uniqueid=first.uniqueid)
+    assert third.verbose == [f"astbill: ERROR call {first.uniqueid} was authorized already"]
+    invariants(tariff, D10)
+
+
+def test_a_let_through_call_whose_uniqueid_another_box_used_is_set_aside_and_named(tariff):
+    good = tariff.settings["database"]
+    tariff.write_config(database=unreachable(tariff), on_db_error="allow", db_error_allow_secs=120)
+    first = place_call(tariff, Scenario(answered_ms=61_000))
+    tariff.write_config(database=good)
+    other_box = tariff.path / "other"
+    other_box.mkdir()
+    from conftest import Billing
+    other = Billing(other_box, good, **{k: v for k, v in tariff.settings.items()
+                                        if k not in ("database", "spool_dir", "spool_fallback_dir")})
+    other.backend = tariff.backend
+    place_call(other, Scenario(answered_ms=5_000), agi_uniqueid=first.uniqueid)
+    tariff.sweep()
+    assert (tariff.spool / f"{first.uniqueid}.call.bad").exists()
+    status, out, _ = tariff.admin("audit")
+    assert status == 1 and (f"call {first.uniqueid}: spooled record set aside as unusable"
+                            in out) and "another call by that uniqueid" in out
+    assert tariff.balance("1001") == Decimal("9.94")   # the other box's call; this one is named
+
+
+@pytest.mark.parametrize("policy, corrected", [("release", "-0.12"), ("charge", "3.48")])
+def test_a_call_the_sweep_settled_while_it_was_up_is_corrected_to_its_real_cost(
+        tariff, policy, corrected):
+    tariff.write_config(sweep_policy=policy)
+    gate = threading.Event()
+    call = start_held_call(tariff, gate, answered_ms=61_000)
+    assert call.dial_reached.wait(30)
+    tariff.backdate(7200)
+    assert [d["action"] for d in tariff.sweep()] == [policy + "d"]
+    gate.set()
+    result = call.wait()
+    assert result.variables_set["ASTBILL_COST"] == "0.1200", result.dialogue_text()
+    cdr = tariff.cdr(call.uniqueid)
+    assert (cdr["state"], cdr["billsec"], cdr["cost"]) == ("settled", 61, Decimal("0.12"))
+    assert tariff.query("SELECT amount FROM astledger WHERE kind = 'correction'") == [
+        (tariff.store().money_in(Decimal(corrected)),)]
+    invariants(tariff, D10)
+
+
+def test_a_call_swept_from_asterisks_cdr_is_priced_when_it_was_up(tariff):
+    from test_routing import PEAK, call_at
+    path = tariff.path / "peak.csv"
+    path.write_text(PEAK)
+    tariff.admin_ok("rate", "import", str(path), "--tariff", "peak")
+    tariff.admin_ok("account", "add", "p1", "--balance", "10", "--tariff", "peak")
+    tariff.write_config(asterisk_cdr_table="cdr")
+    store = tariff.store()
+    store.atomic(lambda tx: tx.run(
+        "CREATE TABLE cdr (uniqueid VARCHAR(150) NOT NULL, lastapp VARCHAR(80) NOT NULL,"
+        " billsec INT NOT NULL, disposition VARCHAR(45) NOT NULL, PRIMARY KEY (uniqueid, lastapp))"))
+    # Monday 10:00, peak (0.10/min): the AGI dies in its Dial, Asterisk's CDR says 10 minutes.
+    result = call_at(tariff, "2026-11-30 10:00:00", Scenario(kill_after_dial_sent=True), account="p1")
+    store.atomic(lambda tx: tx.run("INSERT INTO cdr VALUES (?, 'Dial', 600, 'ANSWERED')",
+                                   (result.uniqueid,)))
+    store.close()
+    tariff.backdate(7200)
+    assert [(d["action"], d["cost"]) for d in tariff.sweep()] == [("settled", Decimal("1.00"))]
+    cdr = tariff.cdr(result.uniqueid)
+    start = ledger.epoch(cdr["start"])
+    assert cdr["start"].startswith("2026-11-30 10:00:0")
+    assert (cdr["answer"], cdr["end"]) == (cdr["start"], ledger.timestamp(start + 600))

@@ -46,6 +46,12 @@ def timestamp(epoch=None):
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch))
 
 
+def epoch(stamp):
+    """Seconds since the epoch of a stored 'YYYY-MM-DD HH:MM:SS' (UTC)."""
+    import calendar
+    return calendar.timegm(time.strptime(str(stamp), "%Y-%m-%d %H:%M:%S"))
+
+
 def valid_uniqueid(text):
     return (0 < len(text) <= 150 and text.isascii()
             and text.replace(".", "").replace("-", "").replace("_", "").isalnum())
@@ -158,6 +164,9 @@ def authorize(settings, call):
     A busy account (lock wait, or deadlocks that kept coming) is refused
     even with on_db_error: allow -- it is not an outage.
     """
+    from .recovery import holds
+    if holds(settings, call.uniqueid):  # its settlement waits for the database
+        return Grant("refused", ERROR, reason=f"call {call.uniqueid} was let through already")
     try:
         return attempt(settings, lambda store: reserve(store, call, settings), AUTHORIZE_TRIES)
     except Busy as exc:
@@ -260,7 +269,8 @@ def reserve(store, call, settings):
         if max_calls and calls >= max_calls:
             return Grant("refused", MAXCALLS, reason=f"account {call.account} has {calls} calls"
                                                      f" in progress, its cap")
-        max_secs, max_cost = grant(sell, call, balance + credit_limit - reserved, settings)
+        max_secs, max_cost = grant(sell, call, balance + credit_limit - reserved, settings,
+                                   len(routes or ()))
         if max_secs <= 0:
             return Grant("refused", NOFUNDS, reason=f"account {call.account} to {call.number}")
         call.max_secs = max_secs
@@ -295,10 +305,16 @@ def price(store, call, settings):
     return sell, routes
 
 
-def grant(sell, call, available, settings):
+def grant(sell, call, available, settings, dials=1):
     """(max_secs, max_cost) for ``available`` money: see Plan.grant."""
-    return sell.grant(call.started, settings["ring_timeout"] + ANSWER_SLACK_SECS, available,
+    return sell.grant(call.started, answer_window(settings, dials), available,
                       settings["max_call_secs"], settings["decimals"])
+
+
+def answer_window(settings, dials):
+    """How long after its authorization a call may be answered: each Dial
+    (one per trunk tried) may ring for ring_timeout."""
+    return settings["ring_timeout"] * max(dials, 1) + ANSWER_SLACK_SECS
 
 
 def quote(settings, store, account, number):
@@ -316,7 +332,7 @@ def quote(settings, store, account, number):
     _, _, balance, reserved, credit_limit, max_calls, calls = rows[0]
     if max_calls and calls >= max_calls:
         return Grant("refused", MAXCALLS, reason=f"account {account} is at its cap"), rate
-    max_secs, _ = grant(sell, call, balance + credit_limit - reserved, settings)
+    max_secs, _ = grant(sell, call, balance + credit_limit - reserved, settings, len(routes or ()))
     if max_secs <= 0:
         return Grant("refused", NOFUNDS, reason=f"account {account} to {number}", routes=routes), rate
     return Grant("authorized", OK, max_secs, routes=routes), rate
@@ -351,15 +367,18 @@ def settle_call(store, call, settings, policy=None):
     """Charge the call's real cost, complete its CDR, drop its reservation.
 
     The sweep settles calls nobody is left to report on with a ``policy``:
-    "release" charges nothing, "charge" the reserved amount.
+    "release" charges nothing, "charge" the reserved amount.  A call the
+    sweep settled so while it was in fact still up is corrected to its real
+    cost when its own settlement comes.
     """
     state, kind = RESOLUTION[policy]
-    places = settings["decimals"]
 
     def work(tx):
         terms = tx.call_terms(call.uniqueid)
         if terms is None:
             raise UnknownCall(f"no call {call.uniqueid!r}")
+        if terms["state"] in ("released", "charged") and policy is None and call.ended:
+            return correct(tx, call, terms, settings)
         if terms["state"] != "active" or not tx.take_reservation(call.uniqueid):
             # Settled already -- perhaps a moment ago, by a settlement we
             # waited for: read what it charged as committed, not as first seen.
@@ -370,12 +389,7 @@ def settle_call(store, call, settings, policy=None):
         elif policy == "release":
             billsec, cost = 0, D(0)
         else:
-            rows = tx.tariff_prices(terms["tariff"], terms["prefix"], terms["start"])
-            sell = plan(rows, terms["tariff"], settings) if rows else Plan(
-                [(127, 0, 1440, Rate(terms["tariff"], terms["prefix"], "", terms["rate"],
-                                     terms["connect_fee"], terms["min_secs"],
-                                     terms["increment"]))], clock("UTC"))
-            billsec, cost = charge_for(sell, call, terms["max_secs"], places)
+            billsec, cost = real_charge(tx, call, terms, settings)
             # Never more than was reserved: only an answer outside the
             # ring window could make a dearer period's price exceed it.
             cost = min(cost, terms["max_cost"])
@@ -385,6 +399,39 @@ def settle_call(store, call, settings, policy=None):
         return Settlement("settled", cost, billsec)
 
     return store.atomic(work)
+
+
+def real_charge(tx, call, terms, settings):
+    """(billsec, cost) of the call by its tariff's deck in force when it was
+    authorized.  A call whose end nobody saw (the sweep, from Asterisk's
+    CDR) is priced at the dearest answer its reservation covered."""
+    rows = tx.tariff_prices(terms["tariff"], terms["prefix"], terms["start"])
+    sell = plan(rows, terms["tariff"], settings) if rows else Plan(
+        [(127, 0, 1440, Rate(terms["tariff"], terms["prefix"], "", terms["rate"],
+                             terms["connect_fee"], terms["min_secs"], terms["increment"]))],
+        clock("UTC"))
+    if call.ended:
+        return charge_for(sell, call, terms["max_secs"], settings["decimals"])
+    call.started = epoch(terms["start"])
+    billsec = min(call.talk_ms // 1000, terms["max_secs"]) if call.answered else 0
+    call.ended = call.started + billsec
+    if not call.answered:
+        return billsec, D(0)
+    return billsec, sell.worst_cost(call.started, answer_window(settings, settings["lcr_max_trunks"]),
+                                    billsec, settings["decimals"])
+
+
+def correct(tx, call, terms, settings):
+    """The sweep released or charged this call by policy, but it was up:
+    charge (or refund) the difference to its real cost, with its own ledger
+    row, so the audit's sums hold and a balance driven below its limit shows."""
+    billsec, cost = real_charge(tx, call, terms, settings)
+    if cost != terms["cost"]:
+        tx.change_balance(terms["account"], terms["cost"] - cost, "correction", call.uniqueid,
+                          timestamp(call.ended))
+    complete(tx, call, terms["account"], billsec, cost, "settled", None, correcting=True)
+    return Settlement("settled", cost, billsec, reason=f"corrected after the sweep had"
+                                                      f" {terms['state']} it")
 
 
 RESOLUTION = {None: ("settled", "call"), "release": ("released", "reaper"),
@@ -413,6 +460,11 @@ def bill_late(store, call, settings, policy=None):
     sweep bills one whose end nobody recorded with a ``policy``.
     """
     known = store.read(lambda tx: tx.call_terms(call.uniqueid))
+    if known is not None and (known["account"], known["number"], known["start"]) != (
+            call.account, call.number, timestamp(call.started)):
+        # Not this call: one run again on the same channel.  The record is
+        # set aside for the operator, and the audit names it.
+        raise UnknownCall(f"call {call.uniqueid}: the database has another call by that uniqueid")
     if known is not None and known["state"] == "active":
         # Authorized after all: its commit reached the database, the reply
         # did not.  Settle it as any reserved call.
@@ -454,7 +506,8 @@ def charge_for(sell, call, max_secs, places):
     return billsec, sell.cost(answered_at(call), billsec, call.answered, places)
 
 
-def complete(tx, call, account, billsec, cost, state, kind, release=None, buy_cost=None):
+def complete(tx, call, account, billsec, cost, state, kind, release=None, buy_cost=None,
+             correcting=False):
     """Charge the account (with its ledger row), release the call's
     reservation from it, and complete the CDR.
 
@@ -464,7 +517,7 @@ def complete(tx, call, account, billsec, cost, state, kind, release=None, buy_co
     than start + billsec: answer is never before start, and duration
     never below billsec.  (A swept call's record has no start: 0.)"""
     now = timestamp(call.ended)
-    if cost or release:
+    if (cost or release) and not correcting:
         tx.change_balance(account, -cost, kind, call.uniqueid, now, release)
     ended = max(call.ended, call.started + billsec)
     fields = {"answer": timestamp(ended - billsec) if billsec else None,
@@ -474,7 +527,7 @@ def complete(tx, call, account, billsec, cost, state, kind, release=None, buy_co
               "buy_cost": buy_cost}
     if call.dial:  # what was dialled last (the sweep knows nothing of it)
         fields.update(trunk=call.trunk, lastdata=call.dial[:255])
-    tx.close_cdr(call.uniqueid, fields)
+    tx.close_cdr(call.uniqueid, fields, again=correcting)
 
 
 def note_lock_wait(call, seconds):

@@ -19,7 +19,7 @@ import os
 import time
 
 from . import ledger
-from .ledger import CallRecord, Settlement, UnknownCall, timestamp
+from .ledger import CallRecord, Settlement, UnknownCall, answer_window, epoch, timestamp
 from .money import fmt
 from .store import Busy, StoreError
 
@@ -55,7 +55,7 @@ def ensure_dir(path):
 def claim(settings, call):
     """Hold a call let through an outage before it is dialled; a uniqueid
     held already (by either spool) raises FileExistsError."""
-    if any(spooled(d, call.uniqueid) for d in spool_dirs(settings)[1:]):
+    if holds(settings, call.uniqueid):
         raise FileExistsError(call.uniqueid)
     write(ensure_dir(settings["spool_dir"]), call, exclusive=True)
 
@@ -123,6 +123,14 @@ def write(directory, call, exclusive):
 
 def spooled(directory, uniqueid):
     return os.path.exists(os.path.join(directory, uniqueid + SUFFIX))
+
+
+def holds(settings, uniqueid):
+    """Does either spool hold a record of this call (of this release or the
+    first, set aside or not)?"""
+    return any(os.path.exists(os.path.join(directory, uniqueid + ending))
+               for directory in spool_dirs(settings)
+               for ending in (SUFFIX, SUFFIX + BAD, LEGACY, LEGACY + BAD))
 
 
 # -- reading and replaying --------------------------------------------------------
@@ -321,15 +329,12 @@ def set_aside(path, why):
 
 # -- the sweep ---------------------------------------------------------------------
 
-def epoch(stamp):
-    import calendar
-    return calendar.timegm(time.strptime(str(stamp), "%Y-%m-%d %H:%M:%S"))
-
-
 def overdue(reservation, settings, now):
-    """True once the call behind ``reservation`` cannot still be up: both
-    times are the database's."""
-    limit = reservation["max_secs"] + settings["ring_timeout"] + settings["sweep_grace_secs"]
+    """True once the call behind ``reservation`` cannot still be up -- rung
+    on every trunk it may try, then talked its granted time: both times are
+    the database's."""
+    limit = (reservation["max_secs"] + answer_window(settings, settings["lcr_max_trunks"])
+             + settings["sweep_grace_secs"])
     return now - epoch(reservation["created"]) > limit
 
 
@@ -354,7 +359,8 @@ def sweep(settings, store, held=()):
         if not overdue(res, settings, now):
             continue
         entry = {"uniqueid": res["uniqueid"], "account": res["account"]}
-        if res["uniqueid"] in held:
+        # Looked for again now: a settlement may have been spooled since the replay.
+        if res["uniqueid"] in held or holds(settings, res["uniqueid"]):
             done.append(dict(entry, action="held", reason="its settlement waits in the spool"))
             continue
         try:
@@ -373,6 +379,8 @@ def sweep_one(settings, store, res, now):
             settings["asterisk_cdr_table"], res["uniqueid"]))
     call = CallRecord(uniqueid=res["uniqueid"])
     if known is not None:
+        # Its talk time, but not when it was answered: the ledger prices it
+        # at the dearest moment its reservation covered (ended = 0: unknown).
         billsec, disposition = known
         answered = disposition == "ANSWERED" and billsec > 0
         call.dialstatus, call.talk_ms, call.duration = (
@@ -381,7 +389,7 @@ def sweep_one(settings, store, res, now):
     else:
         policy = settings["sweep_policy"]
         call.dialstatus, action = "UNKNOWN", policy + "d"
-    call.ended = now
+        call.ended = now
     result = ledger.settle_call(store, call, settings, policy)
     if result.how == "repeated":
         return None  # settled meanwhile, by its call or another sweep

@@ -215,7 +215,7 @@ class Plan:
             secs = self.flat.max_secs(available, cap, places)
             return secs, self.flat.cost(secs, True, places) if secs else None
         def worst(secs):  # rounded as the charge will be
-            return _amount(self._worst(int(now), window, secs), places)
+            return self.worst_cost(now, window, secs, places)
         if worst(1) > available:
             return 0, None
         lo, hi = 1, cap   # lo is affordable; find the largest that is
@@ -226,6 +226,13 @@ class Plan:
             else:
                 hi = mid - 1
         return lo, worst(lo)
+
+    def worst_cost(self, now, window, billsec, places):
+        """The most ``billsec`` of talk can cost when answered at any moment
+        in [now, now + window]."""
+        if self.flat is not None:
+            return self.flat.cost(billsec, True, places)
+        return _amount(self._worst(int(now), window, billsec), places)
 
     def _worst(self, now, window, secs):
         """The highest exact cost (micro units) of ``secs`` of talk answered

@@ -333,13 +333,14 @@ class Tx:
             self.run("INSERT INTO astledger (account, amount, kind, uniqueid, created)"
                      " VALUES (?, ?, ?, ?, ?)", (account, m, kind, uniqueid, now))
 
-    def close_cdr(self, uniqueid, fields):
+    def close_cdr(self, uniqueid, fields, again=False):
+        """Complete an active CDR (``again``: rewrite a settled one)."""
         m = self.store.money_in
         fields = dict(fields, cost=m(fields["cost"]),
                       buy_cost=None if fields.get("buy_cost") is None else m(fields["buy_cost"]))
         sets = ", ".join(f"{name} = ?" for name in fields)
-        self.run(f"UPDATE astcdr SET {sets} WHERE uniqueid = ? AND state = 'active'",
-                 (*fields.values(), uniqueid))
+        only = "" if again else " AND state = 'active'"
+        self.run(f"UPDATE astcdr SET {sets} WHERE uniqueid = ?{only}", (*fields.values(), uniqueid))
 
     # -- administration ------------------------------------------------------
     def add_account(self, account, tariff, balance, now, credit_limit=D(0), max_calls=0):
@@ -524,12 +525,14 @@ class Tx:
             "SELECT account, balance, credit_limit FROM astaccount WHERE balance < -credit_limit")]
 
     def unledgered_charges(self):
+        """Settled calls whose ledger rows (a charge, and any correction) do
+        not add up to their cost."""
         m = self.store.money_out
         rows = self.all(
-            "SELECT c.uniqueid, c.cost, l.amount FROM astcdr c LEFT JOIN astledger l"
-            " ON l.uniqueid = c.uniqueid AND l.kind IN ('call', 'reaper')"
-            " WHERE c.state IN ('settled', 'charged', 'late') AND c.cost > 0"
-            " AND (l.amount IS NULL OR l.amount <> -c.cost)")
+            "SELECT c.uniqueid, c.cost, SUM(l.amount) FROM astcdr c LEFT JOIN astledger l"
+            " ON l.uniqueid = c.uniqueid AND l.kind IN ('call', 'reaper', 'correction')"
+            " WHERE c.state IN ('settled', 'charged', 'late', 'released')"
+            " GROUP BY c.uniqueid, c.cost HAVING COALESCE(SUM(l.amount), 0) <> -c.cost")
         return [(r[0], m(r[1]), None if r[2] is None else -m(r[2])) for r in rows]
 
     def orphans(self):
