@@ -431,7 +431,8 @@ def report(workdir, backends, args):
                 print(f"  {label:8}{n:4} calls, {who:14}{rate:8.1f}/s{p99:9.2f} ms  refused {refused}")
         audit = subprocess.run([PY, str(ROOT / "astbill-admin"), "-c", str(config), "audit"],
                                capture_output=True, text=True)
-        print(f"  {label:8}after the bursts: {audit.stdout.strip().splitlines()[-1]}")
+        said = (audit.stdout.strip() or audit.stderr.strip() or "(nothing)").splitlines()
+        print(f"  {label:8}after the bursts: {said[-1]}")
     print("\nreference, A2Billing's PHP AGI on this kind of machine: start -> EXEC Dial 3.0x floor,"
           " peak RSS 2.8x floor, 17 statements and 2 connections per call")
 

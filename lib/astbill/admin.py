@@ -29,6 +29,7 @@ from .store.base import Tx
 
 
 ALWAYS = "1970-01-01 00:00:00"
+ADMIN_READ_TIMEOUT_SECS = 600
 PROG = "astbill-admin"
 
 
@@ -42,7 +43,9 @@ def main(argv=None):
         settings = config.load(args.config)
         if has_password(settings["database"]):
             warn_if_readable(config.config_path(args.config))
-        store = open_store(dict(settings, create_database=args.command == "init-db"))
+        # An operator's report over a million CDRs may read for a while.
+        store = open_store(dict(settings, create_database=args.command == "init-db",
+                                read_timeout_secs=ADMIN_READ_TIMEOUT_SECS))
         try:
             args.run(store, settings, args)
         finally:

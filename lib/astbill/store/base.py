@@ -528,11 +528,17 @@ class Tx:
         """Settled calls whose ledger rows (a charge, and any correction) do
         not add up to their cost."""
         m = self.store.money_out
+        kinds = "l.kind IN ('call', 'reaper', 'correction')"
         rows = self.all(
+            # Calls that cost something: their rows must add up to it ...
             "SELECT c.uniqueid, c.cost, SUM(l.amount) FROM astcdr c LEFT JOIN astledger l"
-            " ON l.uniqueid = c.uniqueid AND l.kind IN ('call', 'reaper', 'correction')"
-            " WHERE c.state IN ('settled', 'charged', 'late', 'released')"
-            " GROUP BY c.uniqueid, c.cost HAVING COALESCE(SUM(l.amount), 0) <> -c.cost")
+            f" ON l.uniqueid = c.uniqueid AND {kinds}"
+            " WHERE c.state IN ('settled', 'charged', 'late') AND c.cost > 0"
+            " GROUP BY c.uniqueid, c.cost HAVING COALESCE(SUM(l.amount), 0) <> -c.cost"
+            # ... and calls that cost nothing must have no rows that do.
+            " UNION ALL SELECT l.uniqueid, c.cost, SUM(l.amount) FROM astledger l"
+            f" JOIN astcdr c ON c.uniqueid = l.uniqueid WHERE {kinds} AND c.cost = 0"
+            " GROUP BY l.uniqueid, c.cost HAVING SUM(l.amount) <> 0")
         return [(r[0], m(r[1]), None if r[2] is None else -m(r[2])) for r in rows]
 
     def orphans(self):

@@ -251,8 +251,10 @@ class MySQLStore(Store):
             **args, charset="utf8mb4", autocommit=True,
             connect_timeout=self.settings.get("connect_timeout_secs", 1),
             # A server that stops answering must not hold the call: past any
-            # lock wait, a silent read is an outage.
-            read_timeout=timeout + 5, write_timeout=timeout + 5,
+            # lock wait, a silent read is an outage.  (The admin tool's
+            # reports over whole tables may take longer: it says how long.)
+            read_timeout=self.settings.get("read_timeout_secs", timeout + 5),
+            write_timeout=self.settings.get("read_timeout_secs", timeout + 5),
             # rowcount = rows matched, not rows changed: adding 0 is no "missing row".
             client_flag=FOUND_ROWS,
             init_command=f"SET SESSION innodb_lock_wait_timeout = {timeout}, autocommit = 1")
