@@ -13,7 +13,8 @@ the ring window, the call is answered, its cost never exceeds what was
 reserved.  A prefix with one row for the whole week is priced by its Rate
 directly, as before periods existed.
 """
-from decimal import Decimal
+from bisect import bisect_right
+from decimal import ROUND_FLOOR, Decimal
 
 from ..money import D, round_up
 
@@ -155,22 +156,24 @@ class Plan:
         self.clock = clock
         self.flat = rows[0][3] if len(rows) == 1 and rows[0][0] == 127 and (
             rows[0][1], rows[0][2]) == (0, 1440) else None
-        self.spans = sorted((a * 60, b * 60, rate) for days, start, end, rate in rows
-                            for a, b in week_spans(days, start, end))
+        # The week's spans tile it (checked at import): their starts, sorted,
+        # find the span of any second by bisection.
+        spans = sorted((a * 60, rate) for days, start, end, rate in rows
+                       for a, _ in week_spans(days, start, end))
+        self.starts = [a for a, _ in spans]
+        self.span_rates = [rate for _, rate in spans]
 
     def rate_at(self, epoch):
         if self.flat is not None:
             return self.flat
-        at = self.clock.week_secs(epoch)
-        for a, b, rate in self.spans:
-            if a <= at < b:
-                return rate
-        raise LookupError("rate periods do not cover the week")  # refused at import
+        return self.span_rates[bisect_right(self.starts, self.clock.week_secs(epoch)) - 1]
 
     def next_change(self, epoch):
         """The first instant after ``epoch`` at which the rate may change."""
         at = self.clock.week_secs(epoch)
-        ahead = min(((a - at) % WEEK_SECS or WEEK_SECS) for a, _, _ in self.spans)
+        following = bisect_right(self.starts, at)
+        ahead = (self.starts[following] - at if following < len(self.starts)
+                 else WEEK_SECS - at + self.starts[0])
         candidate = epoch + ahead
         if self.clock.offset(candidate) != self.clock.offset(epoch):
             # A daylight-saving change in between: find it to the second.
@@ -210,22 +213,70 @@ class Plan:
     def grant(self, now, window, available, cap, places):
         """(max_secs, max_cost): the longest talk time whose cost stays
         within ``available`` for any answer in [now, now + window], and the
-        most that time can cost -- what to reserve.  (0, None) if none."""
+        most that time can cost -- what to reserve.  (0, None) if none.
+
+        The cost only grows with the talk time, so the longest time covered
+        whatever the answer is the shortest of the times covered at each
+        moment where the price can change (``moments``); each is found by
+        walking that moment's blocks against the budget."""
         if self.flat is not None:
             secs = self.flat.max_secs(available, cap, places)
             return secs, self.flat.cost(secs, True, places) if secs else None
-        def worst(secs):  # rounded as the charge will be
-            return self.worst_cost(now, window, secs, places)
-        if worst(1) > available:
+        # A charge is rounded up to ``places``: it fits while its exact
+        # value fits in the available amount rounded down to them.
+        budget = int((available.quantize(Decimal(1).scaleb(-places), rounding=ROUND_FLOOR))
+                     * 60 * MICRO)
+        moments = self._moments(int(now), window, cap)
+        secs = min(self._longest(t, budget, cap) for t in moments)
+        if secs <= 0:
             return 0, None
-        lo, hi = 1, cap   # lo is affordable; find the largest that is
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if worst(mid) <= available:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo, worst(lo)
+        return secs, _amount(max(self._micro_cost(t, secs) for t in moments), places)
+
+    def _longest(self, answered_at, budget, cap):
+        """The longest talk time, at most ``cap``, answered at ``answered_at``
+        whose exact cost (``_micro_cost`` units) is within ``budget``."""
+        first = self.rate_at(answered_at)
+        inc = first.increment
+        total = _micro(first.connect_fee) * 60 + _micro(first.per_min) * first.min_secs
+        secs = first.min_secs
+        if first.min_secs == 0:  # the first block is the minimum
+            total += _micro(first.per_min) * inc
+            secs = inc
+        if total > budget:
+            return 0
+        at = answered_at + secs
+        while secs < cap:
+            price = _micro(self.rate_at(at).per_min) * inc
+            in_period = -(-(self.next_change(at) - at) // inc)
+            blocks = in_period if price == 0 else min(in_period, (budget - total) // price)
+            blocks = min(blocks, -(-(cap - secs) // inc))
+            total, secs, at = total + price * blocks, secs + blocks * inc, at + blocks * inc
+            if blocks < in_period:
+                break
+        return min(secs, cap)
+
+    def _moments(self, now, window, secs):
+        """The answer moments in [now, now + window] at which the cost of up
+        to ``secs`` of talk can change: ``now``, each change of rate in the
+        window, and each answer that puts a block's start on a change."""
+        moments = {now}
+        structures = {(r.min_secs, r.increment) for r in self.rates()}
+        # The last block starts before the answer + its billed time.
+        horizon = now + window + secs + max(m + i for m, i in structures)
+        change = self.next_change(now)
+        while change <= horizon:
+            if change <= now + window:
+                moments.add(change)
+            for minimum, inc in structures:
+                offset = minimum
+                lowest = change - now - window
+                if offset < lowest:
+                    offset += -(-(lowest - offset) // inc) * inc
+                while offset <= change - now:
+                    moments.add(change - offset)
+                    offset += inc
+            change = self.next_change(change)
+        return moments
 
     def worst_cost(self, now, window, billsec, places):
         """The most ``billsec`` of talk can cost when answered at any moment
@@ -236,31 +287,9 @@ class Plan:
 
     def _worst(self, now, window, secs):
         """The highest exact cost (micro units) of ``secs`` of talk answered
-        at any moment in [now, now + window].
-
-        The cost is a step function of the answer time, constant between
-        the moments where the answer or a block's start crosses a change of
-        rate; evaluating it at each such moment finds its maximum.
-        """
-        moments = {now}
-        structures = {(r.min_secs, r.increment) for r in self.rates()}
-        # The last block starts before the answer + its billed time.
-        horizon = now + window + secs + max(m + i for m, i in structures)
-        change = self.next_change(now)
-        while change <= horizon:
-            if change <= now + window:
-                moments.add(change)
-            for minimum, inc in structures:
-                # Answers that put a block start exactly on this change.
-                offset = minimum
-                lowest = change - now - window
-                if offset < lowest:
-                    offset += -(-(lowest - offset) // inc) * inc
-                while offset <= change - now:
-                    moments.add(change - offset)
-                    offset += inc
-            change = self.next_change(change)
-        return max(self._micro_cost(t, secs) for t in moments)
+        at any moment in [now, now + window]: the cost is a step function of
+        the answer time, constant between the ``moments`` where it can change."""
+        return max(self._micro_cost(t, secs) for t in self._moments(now, window, secs))
 
     def rates(self):
         return [rate for _, _, _, rate in self.rows]
