@@ -161,14 +161,20 @@ class Billing:
         self.admin_ok("rate", "import", str(path), "--tariff", tariff)
 
 
+def fresh_database(request, tmp_path, backend):
+    """The URL of a new, empty database: a SQLite file, or a database in the
+    session's MariaDB server."""
+    if backend == "sqlite":
+        return f"sqlite://{tmp_path / 'astbill.db'}"
+    server = request.getfixturevalue("mariadb")
+    return server.create_database(f"astbill_t{os.getpid()}_{next(_db_names)}")
+
+
 @pytest.fixture(params=BACKENDS)
 def billing(request, tmp_path):
     settings = {}
-    if request.param == "sqlite":
-        database = f"sqlite://{tmp_path / 'astbill.db'}"
-    else:
-        server = request.getfixturevalue("mariadb")
-        database = server.create_database(f"astbill_t{os.getpid()}_{next(_db_names)}")
+    database = fresh_database(request, tmp_path, request.param)
+    if request.param != "sqlite":
         settings["mysql_driver"] = "pymysql" if request.param == "mariadb-pymysql" else "auto"
     b = Billing(tmp_path, database, **settings)
     b.backend = request.param.split("-")[0]

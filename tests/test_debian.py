@@ -6,27 +6,21 @@ with python3-yaml, python3-mysqldb and python3-pymysql alone, on SQLite and
 on MariaDB through each driver, through a whole call.
 """
 import json
-import os
 import subprocess
 
 import pytest
 
 import debian
 from agipeer import Scenario, agi_env, run_call
-from conftest import ADMIN, ASTBILL, RATES, ROOT, Billing
+from conftest import ADMIN, ASTBILL, RATES, ROOT, Billing, fresh_database
 
 
 @pytest.fixture(params=["sqlite", "mysqlclient", "pymysql"])
 def setup(request, tmp_path):
     """(a Billing configured for the backend, Debian's interpreter)."""
     python = debian.require_python()
-    settings = {}
-    if request.param == "sqlite":
-        database = f"sqlite://{tmp_path / 'astbill.db'}"
-    else:
-        server = request.getfixturevalue("mariadb")
-        database = server.create_database(f"astbill_debian_{os.getpid()}_{request.param}")
-        settings["mysql_driver"] = request.param
+    database = fresh_database(request, tmp_path, request.param)
+    settings = {} if request.param == "sqlite" else {"mysql_driver": request.param}
     return Billing(tmp_path, database, **settings), python
 
 

@@ -2,7 +2,6 @@
 fixtures/release-1) upgrades with ``astbill-admin init-db`` without losing
 a row, and then bills calls as a new one does."""
 import json
-import os
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 from agipeer import Scenario
 from astbill.config import load
 from astbill.store import open_store, schema
-from conftest import RATES, Billing, _db_names, invariants, place_call
+from conftest import RATES, Billing, fresh_database, invariants, place_call
 
 RELEASE_1 = Path(__file__).resolve().parent / "fixtures" / "release-1"
 TABLES = ("astaccount", "astrate", "astcreditres", "astcdr", "astledger")
@@ -23,12 +22,7 @@ COLUMNS_ADDED = {"astaccount": 2, "astcdr": 2}   # since the first release
 def release_1(request, tmp_path):
     """A database made and used by the first release: accounts, rates, a
     settled call, and a call in progress."""
-    if request.param == "sqlite":
-        database = f"sqlite://{tmp_path / 'astbill.db'}"
-    else:
-        database = request.getfixturevalue("mariadb").create_database(
-            f"astbill_r1_{os.getpid()}_{next(_db_names)}")
-    billing = Billing(tmp_path, database)
+    billing = Billing(tmp_path, fresh_database(request, tmp_path, request.param))
     billing.backend = request.param
     store = open_store(dict(load(str(billing.config)), create_database=True))
     text = (RELEASE_1 / ("sqlite.sql" if request.param == "sqlite" else "mysql.sql")).read_text()
