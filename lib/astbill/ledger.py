@@ -262,25 +262,35 @@ def reserve(store, call, settings):
     sell, routes = priced
 
     def work(tx):
-        locked = tx.lock_account(call.account)
-        if locked is None:
-            return Grant("refused", NOACCOUNT, reason=f"account {call.account}")
-        balance, reserved, credit_limit, max_calls, calls = locked
-        if max_calls and calls >= max_calls:
-            return Grant("refused", MAXCALLS, reason=f"account {call.account} has {calls} calls"
-                                                     f" in progress, its cap")
-        max_secs, max_cost = grant(sell, call, balance + credit_limit - reserved, settings,
-                                   len(routes or ()))
-        if max_secs <= 0:
-            return Grant("refused", NOFUNDS, reason=f"account {call.account} to {call.number}")
-        call.max_secs = max_secs
-        tx.add_reservation(call.uniqueid, call.account, max_cost, max_secs)
-        tx.open_cdr(dict(call.cdr(), **rate_columns(sell.rate_at(call.started)), state="active"))
-        return Grant("authorized", OK, max_secs, routes=routes)
+        answer, max_cost = decide(call, sell, routes, tx.lock_account(call.account), settings)
+        if answer.status == OK:
+            tx.add_reservation(call.uniqueid, call.account, max_cost, call.max_secs)
+            tx.open_cdr(dict(call.cdr(), **rate_columns(sell.rate_at(call.started)),
+                             state="active"))
+        return answer
 
     answer = store.atomic(work)
     note_lock_wait(call, store.lock_waited)
     return answer
+
+
+def decide(call, sell, routes, account, settings):
+    """(Grant, the most it may cost) for a priced call, given its account's
+    (balance, reserved, credit limit, call cap, calls in progress) or None.
+    Sets the call's max_secs when it may go ahead."""
+    if account is None:
+        return Grant("refused", NOACCOUNT, reason=f"account {call.account}"), None
+    balance, reserved, credit_limit, max_calls, calls = account
+    if max_calls and calls >= max_calls:
+        return Grant("refused", MAXCALLS, reason=f"account {call.account} has {calls} calls"
+                                                 f" in progress, its cap"), None
+    max_secs, max_cost = grant(sell, call, balance + credit_limit - reserved, settings,
+                               len(routes or ()))
+    if max_secs <= 0:
+        return Grant("refused", NOFUNDS, reason=f"account {call.account} to {call.number}",
+                     routes=routes), None
+    call.max_secs = max_secs
+    return Grant("authorized", OK, max_secs, routes=routes), max_cost
 
 
 def price(store, call, settings):
@@ -325,17 +335,9 @@ def quote(settings, store, account, number):
     if isinstance(priced, Grant):
         return priced, None
     sell, routes = priced
-    rate = sell.rate_at(call.started)
     rows = store.read(lambda tx: tx.accounts(account))
-    if not rows:
-        return Grant("refused", NOACCOUNT, reason=f"account {account}"), rate
-    _, _, balance, reserved, credit_limit, max_calls, calls = rows[0]
-    if max_calls and calls >= max_calls:
-        return Grant("refused", MAXCALLS, reason=f"account {account} is at its cap"), rate
-    max_secs, _ = grant(sell, call, balance + credit_limit - reserved, settings, len(routes or ()))
-    if max_secs <= 0:
-        return Grant("refused", NOFUNDS, reason=f"account {account} to {number}", routes=routes), rate
-    return Grant("authorized", OK, max_secs, routes=routes), rate
+    answer, _ = decide(call, sell, routes, rows[0][2:] if rows else None, settings)
+    return answer, sell.rate_at(call.started)
 
 
 def plan(rows, owner, settings):
