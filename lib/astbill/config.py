@@ -43,6 +43,7 @@ DEFAULTS = {
     "timezone": "UTC",
     "lcr_allow_loss": False,
     "lcr_max_trunks": 3,
+    "billsec_rounding": "up",
 }
 _TYPES = {
     "database": str, "account_source": str, "international_prefix": str,
@@ -53,10 +54,11 @@ _TYPES = {
     "connect_timeout_secs": int, "sweep_grace_secs": int,
     "sweep_policy": str, "asterisk_cdr_table": str, "database_password_env": str,
     "mysql_driver": str, "tariffs": dict, "timezone": str, "lcr_allow_loss": bool,
-    "lcr_max_trunks": int,
+    "lcr_max_trunks": int, "billsec_rounding": str,
 }
 _CHOICES = {"on_db_error": ("refuse", "allow"), "sweep_policy": ("release", "charge"),
-            "mysql_driver": ("auto", "mysqlclient", "pymysql")}
+            "mysql_driver": ("auto", "mysqlclient", "pymysql"),
+            "billsec_rounding": ("up", "down")}
 _RANGES = {"max_call_secs": (1, 86400), "ring_timeout": (1, 600),
            "warning_secs": (0, 3600), "decimals": (0, 6),
            "lock_wait_secs": (1, 60), "db_error_allow_secs": (1, 600),

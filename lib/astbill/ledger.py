@@ -360,8 +360,11 @@ def find_routes(store, prefixes, now, sell_rate, settings):
     trunks = store.read(lambda tx: tx.trunk_prices(prefixes, timestamp(now)))
     if not trunks:
         return None
-    usable = [Route(name, dial, plan(rows, name, settings).rate_at(now))
-              for name, (dial, enabled, rows) in trunks.items() if enabled and rows]
+    usable = []
+    for name, (dial, enabled, rows) in trunks.items():
+        if enabled and rows:
+            buy = plan(rows, name, settings)
+            usable.append(Route(name, dial, buy, buy.rate_at(now)))
     return order_routes(usable, sell_rate, settings["lcr_allow_loss"], settings["lcr_max_trunks"])
 
 
@@ -413,9 +416,9 @@ def real_charge(tx, call, terms, settings):
                              terms["connect_fee"], terms["min_secs"], terms["increment"]))],
         clock("UTC"))
     if call.ended:
-        return charge_for(sell, call, terms["max_secs"], settings["decimals"])
+        return charge_for(sell, call, terms["max_secs"], settings)
     call.started = epoch(terms["start"])
-    billsec = min(call.talk_ms // 1000, terms["max_secs"]) if call.answered else 0
+    billsec = min(talk_secs(call, settings), terms["max_secs"]) if call.answered else 0
     call.ended = call.started + billsec
     if not call.answered:
         return billsec, D(0)
@@ -449,7 +452,7 @@ def buy_cost(tx, call, terms, billsec, settings):
     rows = found.get(call.trunk, (None, None, []))[2]
     if not rows:
         return None
-    return plan(rows, call.trunk, settings).cost(answered_at(call), billsec, True,
+    return plan(rows, call.trunk, settings).cost(answered_at(call, billsec), billsec, True,
                                                  settings["decimals"])
 
 
@@ -482,7 +485,7 @@ def bill_late(store, call, settings, policy=None):
         if terms is not None:
             return Settlement("repeated", terms["cost"], terms["billsec"])
         tx.open_cdr(dict(call.cdr(), **rate_columns(sell.rate_at(call.started)), state="active"))
-        billsec, cost = charge_for(sell, call, call.max_secs, settings["decimals"])
+        billsec, cost = charge_for(sell, call, call.max_secs, settings)
         state, kind = RESOLUTION[policy] if policy else ("late", "call")
         complete(tx, call, call.account, billsec, cost, state if rated else "unbilled", kind)
         return Settlement("settled", cost, billsec)
@@ -496,16 +499,26 @@ def rate_columns(rate):
             "increment": rate.increment}
 
 
-def answered_at(call):
+def talk_secs(call, settings):
+    """The billed seconds of talk: Asterisk's milliseconds rounded up (a
+    999 ms call is one second, not a free one) unless billsec_rounding is
+    down, which bills whole seconds as Asterisk's own billsec does."""
+    if settings["billsec_rounding"] == "down":
+        return call.talk_ms // 1000
+    return -(-call.talk_ms // 1000)
+
+
+def answered_at(call, billsec):
     """When the callee answered: the call's end less its talk time."""
-    return call.ended - call.talk_ms // 1000
+    return call.ended - billsec
 
 
-def charge_for(sell, call, max_secs, places):
+def charge_for(sell, call, max_secs, settings):
     """(billsec, cost) of a call: its talk time, never beyond what was
     granted, priced by the periods in force from its answer on."""
-    billsec = min(call.talk_ms // 1000, max_secs) if call.answered else 0
-    return billsec, sell.cost(answered_at(call), billsec, call.answered, places)
+    billsec = min(talk_secs(call, settings), max_secs) if call.answered else 0
+    return billsec, sell.cost(answered_at(call, billsec), billsec, call.answered,
+                              settings["decimals"])
 
 
 def complete(tx, call, account, billsec, cost, state, kind, release=None, buy_cost=None,

@@ -2,14 +2,17 @@
 
 
 class Route:
-    """A trunk that can carry the number: its name, Dial template and the
-    buy rate in force for the number now (longest prefix of its deck)."""
-    __slots__ = ("trunk", "dial", "rate")
+    """A trunk that can carry the number: its name, Dial template, its buy
+    prices for the number (a Plan: the longest prefix of its deck), the buy
+    rate in force now, and the id of the deck they come from."""
+    __slots__ = ("trunk", "dial", "plan", "rate", "deck")
 
-    def __init__(self, trunk, dial, rate):
+    def __init__(self, trunk, dial, plan, rate, deck=None):
         self.trunk = trunk
         self.dial = dial
+        self.plan = plan
         self.rate = rate
+        self.deck = deck
 
     def dial_string(self, number):
         return self.dial.format(number=number)
