@@ -189,8 +189,8 @@ def test_a_cdr_never_ends_before_its_talk_time(tariff):
     result = place_call(tariff, Scenario(answered_ms=125_400))
     cdr = tariff.cdr(result.uniqueid)
     start, answer, end = (epoch(cdr[key]) for key in ("start", "answer", "end"))
-    assert (cdr["billsec"], cdr["duration"]) == (125, 125)
-    assert (answer - start, end - answer, end - start) == (0, 125, 125)
+    assert (cdr["billsec"], cdr["duration"]) == (126, 126)
+    assert (answer - start, end - answer, end - start) == (0, 126, 126)
 
 
 # -- the command line itself ------------------------------------------------------

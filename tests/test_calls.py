@@ -31,10 +31,11 @@ def assert_billed(tariff, result, billsec, cost, balance, disposition="ANSWERED"
 
 
 @pytest.mark.parametrize("number, talk_ms, billsec, cost, balance", [
-    ("4912345678", 61_500, 61, "0.1200", "9.88"),     # 60/60 at 0.06: two minutes
-    ("4930123456", 31_200, 31, "0.0280", "9.972"),    # 30/6 at 0.03 + 0.01: 36 s
-    ("4915123456", 59_999, 59, "0.1180", "9.882"),    # 1/1 at 0.12: 59 s
-    ("4912345678", 900, 0, "0.0600", "9.94"),         # answered: even 0.9 s bills the minimum
+    ("4912345678", 61_500, 62, "0.1200", "9.88"),     # 60/60 at 0.06: two minutes
+    ("4930123456", 31_200, 32, "0.0280", "9.972"),    # 30/6 at 0.03 + 0.01: 36 s
+    ("4915123456", 59_999, 60, "0.1200", "9.88"),     # 1/1 at 0.12: 59.999 s is 60 s
+    ("4912345678", 900, 1, "0.0600", "9.94"),         # answered: even 0.9 s bills the minimum
+    ("4915123456", 999, 1, "0.0020", "9.998"),       # 1/1: 999 ms is a second, never free
 ])
 def test_answered_calls_are_billed_by_their_increments(tariff, number, talk_ms, billsec, cost, balance):
     result = place_call(tariff, Scenario(answered_ms=talk_ms), number=number)
@@ -70,12 +71,12 @@ def test_unanswered_calls_release_the_reservation_at_cost_zero(tariff, dialstatu
 ], ids=["sighup", "agisighup-no"])
 def test_a_caller_hangup_still_settles_with_the_real_talk_time(tariff, scenario):
     result = place_call(tariff, scenario, number="4915123456")
-    assert_billed(tariff, result, 4, "0.0080", "9.992")
+    assert_billed(tariff, result, 5, "0.0100", "9.99")
 
 
 def test_a_pre_answered_caller_does_not_pay_for_the_time_before_the_dial(tariff):
     result = place_call(tariff, Scenario(answered_ms=3500, pre_answered_ms=2500), number="4915123456")
-    assert_billed(tariff, result, 3, "0.0060", "9.994")
+    assert_billed(tariff, result, 4, "0.0080", "9.992")
 
 
 def test_the_talk_time_comes_from_dials_milliseconds(tariff):
@@ -83,7 +84,7 @@ def test_the_talk_time_comes_from_dials_milliseconds(tariff):
     # ANSWEREDTIME_MS 66999 but ANSWEREDTIME 66, which would bill only 60 s.
     result = place_call(tariff, Scenario(answered_ms=61_700, pre_answered_ms=5_299),
                         number="4915123456")
-    assert_billed(tariff, result, 61, "0.1220", "9.878")
+    assert_billed(tariff, result, 62, "0.1240", "9.876")
 
 
 def test_a_pre_answered_caller_does_not_pay_for_the_authorization_either(tariff):
@@ -92,14 +93,14 @@ def test_a_pre_answered_caller_does_not_pay_for_the_authorization_either(tariff)
     scenario = Scenario(answered_ms=59_600, pre_answered_ms=5_000, real_clock=True,
                         set_variable_delay=0.75)
     result = place_call(tariff, scenario)
-    assert_billed(tariff, result, 59, "0.0600", "9.94")
+    assert_billed(tariff, result, 60, "0.0600", "9.94")
 
 
 def test_costs_are_charged_and_reported_to_the_configured_places(tariff):
     tariff.write_config(decimals=2)
     # 31.2 s to Berlin: 36 s at 0.03 + 0.01 is 0.028, rounded up to 0.03.
     result = place_call(tariff, Scenario(answered_ms=31_200), number="4930123456")
-    assert_billed(tariff, result, 31, "0.03", "9.97")
+    assert_billed(tariff, result, 32, "0.03", "9.97")
     assert '"cost": "0.03"' in tariff.admin_ok("cdr", "--json")
     assert '"balance": "9.97"' in tariff.admin_ok("account", "show", "1001", "--json")
 
@@ -192,7 +193,7 @@ def test_agi_arguments_name_the_config_and_the_number(tariff):
     result = run_call([sys.executable, ASTBILL, "-c", str(tariff.config), "+4915123456"],
                       Scenario(answered_ms=10_500), block, env)
     assert result.dial_args.startswith("PJSIP/4915123456@trunk,"), result.dialogue_text()
-    assert result.variables_set["ASTBILL_COST"] == "0.0200"
+    assert result.variables_set["ASTBILL_COST"] == "0.0220"  # 10.5 s is 11 s
 
 
 @pytest.mark.parametrize("source, scenario_vars, env, account", [

@@ -46,7 +46,7 @@ def test_a_call_is_billed_on_debians_python_and_packages(setup):
     assert result.returncode == 0, result.dialogue_text()
     assert result.dial_args == "PJSIP/4912345678@trunk,60,L(3600000)", result.dialogue_text()
     assert (result.variables_set["ASTBILL_STATUS"], result.variables_set["ASTBILL_COST"],
-            result.variables_set["ASTBILL_BILLSEC"]) == ("OK", "0.1200", "61")
+            result.variables_set["ASTBILL_BILLSEC"]) == ("OK", "0.1200", "62")
     assert result.stderr == ""
 
     account = json.loads(admin(billing, python, "account", "show", "1001", "--json"))

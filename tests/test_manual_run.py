@@ -26,7 +26,7 @@ def test_answered_fixture_prints_the_dialogue_and_bills(tariff):
         'EXEC Dial "PJSIP/4912345678@trunk,60,L(3600000)"',
         'GET FULL VARIABLE "${DIALSTATUS}|${ANSWEREDTIME_MS}|${ANSWEREDTIME}|${CDR(billsec,f)}|${DIALEDPEERNAME}"',
         'SET VARIABLE ASTBILL_COST "0.1200"',
-        'SET VARIABLE ASTBILL_BILLSEC "65"']
+        'SET VARIABLE ASTBILL_BILLSEC "66"']
     assert tariff.balance("1001") == Decimal("9.88")
     again = run_fixture(tariff, "answered")
     assert 'SET VARIABLE ASTBILL_STATUS "ERROR"' in again.stdout
@@ -35,7 +35,7 @@ def test_answered_fixture_prints_the_dialogue_and_bills(tariff):
 
 @pytest.mark.parametrize("name, last_line, balance", [
     ("busy", 'SET VARIABLE ASTBILL_BILLSEC "0"', "10"),
-    ("caller_hangup", 'SET VARIABLE ASTBILL_BILLSEC "4"', "9.992"),
+    ("caller_hangup", 'SET VARIABLE ASTBILL_BILLSEC "5"', "9.99"),
     ("norate", 'VERBOSE "astbill: NORATE account 1001 to 7123456" 1', "10"),
     ("noaccount", 'VERBOSE "astbill: NOACCOUNT no account on the channel" 1', "10"),
 ])

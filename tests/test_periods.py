@@ -156,7 +156,7 @@ trunk_sets = st.lists(st.tuples(st.integers(0, 5), st.integers(0, 3)), min_size=
 @settings(max_examples=200, deadline=None)
 @given(trunk_sets, st.integers(0, 6), st.booleans(), st.integers(1, 4))
 def test_trunks_are_tried_in_the_order_a_brute_force_sort_gives(prices, sell, allow_loss, most):
-    routes = [Route(f"t{i}", "SIP/{number}", Rate("t", "49", "x", Decimal(r).scaleb(-2),
+    routes = [Route(f"t{i}", "SIP/{number}", None, Rate("t", "49", "x", Decimal(r).scaleb(-2),
                                                   Decimal(f).scaleb(-3), 1, 1))
               for i, (r, f) in enumerate(prices)]
     sell_rate = Rate("s", "49", "x", Decimal(sell).scaleb(-2), Decimal(0), 1, 1)
