@@ -180,3 +180,41 @@ def answered_ms(answered_ms_text, answered_s_text, billsec_f):
     if answered_s_text.isdigit():
         return int(answered_s_text) * 1000
     return seconds_to_ms(billsec_f)
+
+
+# -- Dial's arguments ----------------------------------------------------------------
+
+def dial_field_problem(text):
+    """Why ``text`` cannot stand whole in one of Dial's fields, or None.
+
+    Asterisk splits an application's arguments at commas outside
+    parentheses and double quotes, and a backslash escapes the character
+    after it (``|`` too splits, where res_agi's compatibility mode is on).
+    Any of these, or an unbalanced parenthesis, in a Dial template or
+    option string would move AstBill's timeout and L() into another field,
+    where Asterisk enforces nothing: the call would run unlimited.
+    """
+    depth = 0
+    for char in text:
+        if char in ',|"\\':
+            return f"must not contain {char!r}: Dial would read its fields apart there"
+        if not char.isprintable():
+            return "must not contain control characters"
+        depth += (char == "(") - (char == ")")
+        if depth < 0:
+            break
+    if depth != 0:
+        return "must balance its parentheses: Dial would read its fields apart there"
+    return None
+
+
+def dial_data(resource, timeout, options, limit_ms, warning_ms=0):
+    """Dial's argument string: what to dial, the ring timeout, the options
+    with AstBill's L() last (so that no earlier L() of the operator's wins);
+    ValueError naming the problem if a field would not stay in its place."""
+    for name, text in (("Dial string", resource), ("dial_options", options)):
+        problem = dial_field_problem(text)
+        if problem:
+            raise ValueError(f"{name} {text[:80]!r} {problem}")
+    limit = f"L({limit_ms}" + (f":{warning_ms}" if 0 < warning_ms < limit_ms else "") + ")"
+    return f"{resource},{timeout},{options}{limit}"

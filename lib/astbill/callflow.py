@@ -8,7 +8,7 @@ Asterisk.
 import time
 
 from . import ledger
-from .agi import AGIError, Hangup, answered_ms
+from .agi import AGIError, Hangup, answered_ms, dial_data
 from .ledger import INVALID, NOACCOUNT, OK, CallRecord, valid_uniqueid
 from .money import fmt
 from .rating import normalize_destination
@@ -111,7 +111,13 @@ def dial(channel, call, settings, up_before):
     # The caller's channel keeps counting up until the Dial starts.
     before_ms = up_before[0] + int((time.monotonic() - up_before[1]) * 1000) if up_before else 0
     try:
-        channel.exec("Dial", dial_args(call, settings))
+        data = dial_data(call.dial, settings["ring_timeout"], settings["dial_options"],
+                         call.max_secs * 1000, settings["warning_secs"] * 1000)
+    except ValueError as exc:  # a template made before it was checked so: never dialled
+        log(channel, f"{call.uniqueid} not dialled: {exc}")
+        return False
+    try:
+        channel.exec("Dial", data)
     except Hangup as exc:
         if exc.sent:
             raise
@@ -129,14 +135,6 @@ def dial(channel, call, settings, up_before):
     # the Dial (IVR, PIN prompt) must not pay for that time.
     call.end(dialstatus, answered_ms(up_ms, up_s, billsec_f) - before_ms, peer)
     return True
-
-
-def dial_args(call, settings):
-    limit = f"L({call.max_secs * 1000}"
-    warning = settings["warning_secs"]
-    if 0 < warning < call.max_secs:
-        limit += f":{warning * 1000}"
-    return f"{call.dial},{settings['ring_timeout']},{settings['dial_options']}{limit})"
 
 
 def refuse(channel, status, reason):

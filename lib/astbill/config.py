@@ -12,6 +12,7 @@ import marshal
 import os
 
 from . import __version__
+from .agi import dial_field_problem
 
 DEFAULT_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "conf", "astbill.yaml")
@@ -190,8 +191,9 @@ def check(raw, path="config"):
     table = settings["asterisk_cdr_table"]
     if table and not (table.replace("_", "").isalnum() and table.isascii()):
         raise ConfigError(f"{path}: asterisk_cdr_table must be a plain table name")
-    if '"' in settings["dial_options"] or "\n" in settings["dial_options"]:
-        raise ConfigError(f"{path}: dial_options must not contain quotes or newlines")
+    problem = dial_field_problem(settings["dial_options"])
+    if problem:
+        raise ConfigError(f"{path}: dial_options {problem}")
     for name, tariff in settings["tariffs"].items():
         if not isinstance(tariff, dict) or set(tariff) - {"dial"} or not isinstance(tariff.get("dial", ""), str):
             raise ConfigError(f"{path}: tariffs.{name} may only set dial (a string)")
@@ -204,8 +206,9 @@ def check_dial(template, where):
     """A Dial template: {number} once or more, nothing else in braces."""
     if template is None:
         return
-    if '"' in template or "\n" in template:
-        raise ConfigError(f"{where} must not contain quotes or newlines")
+    problem = dial_field_problem(template)
+    if problem:
+        raise ConfigError(f"{where} {problem}")
     try:
         template.format(number="0")
     except (KeyError, IndexError, ValueError):
