@@ -6,16 +6,26 @@ it is linked into place, so a record is complete or absent, and never
 written over another call's.  A call let through a database outage is
 claimed there before it is dialled, and its record completed when it ends.
 When the spool directory cannot be written, the fallback spool (by default
-in memory, /dev/shm, another filesystem) takes the record; when neither
-can, Asterisk's log gets the whole record.
+/run/astbill: memory, another filesystem, made at boot for AstBill's user)
+takes the record; when neither can, Asterisk's log gets the whole record.
+
+What the spool holds decides what calls cost, so a spool is trusted only
+when no one else can write to it: a real directory (no symbolic link)
+owned by AstBill's own user and writable by nobody else.  Any other is
+refused -- never read, never written -- and the audit names it.  Inside a
+trusted spool, only regular files owned by that user are read, opened
+without following links or blocking on a FIFO.
 
 The replay settles spooled calls through the normal, idempotent
-settlement and only then removes their files.  The sweep settles the
-reservations of calls that must be over -- from Asterisk's own CDR when it
-knows the call, else by policy -- but never one whose real settlement waits
-in the spool, and it compares times on the database's clock alone.
+settlement and only then removes their files.  A record that cannot be
+read or settled is set aside (``*.bad``, with why) for the operator, and
+the replay goes on with the next.  The sweep settles the reservations of
+calls that must be over -- from Asterisk's own CDR when it knows the call,
+else by policy -- but never one whose real settlement waits in the spool,
+and it compares times on the database's clock alone.
 """
 import os
+import stat
 import time
 
 from . import ledger
@@ -29,6 +39,9 @@ REPEAT = "~"   # UNIQUEID~N.call: a second record of one call (never in a unique
 BAD = ".bad"
 LOCK = ".replay.lock"
 REPLAY_WAIT_SECS = 10
+ENDINGS = (SUFFIX, SUFFIX + BAD, LEGACY, LEGACY + BAD)
+# A record is a few hundred bytes; anything much larger is not one.
+MAX_RECORD = 65536
 
 
 class Replay:
@@ -42,13 +55,58 @@ class Replay:
 
 # -- writing -------------------------------------------------------------------
 
+class UnsafeSpool(OSError):
+    """A spool directory that someone other than AstBill's user could write."""
+
+
 def spool_dirs(settings):
     return [d for d in (settings["spool_dir"], settings["spool_fallback_dir"]) if d]
 
 
+def trusted(directory):
+    """``directory`` if it exists and may be used as a spool, None if it
+    does not exist; UnsafeSpool, naming the fix, if anyone but this user
+    could change what it holds."""
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        return None
+    uid = os.geteuid()
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeSpool(f"spool {directory} is a symbolic link: set the real directory"
+                          " in the config")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeSpool(f"spool {directory} is not a directory")
+    if st.st_uid != uid:
+        raise UnsafeSpool(f"spool {directory} belongs to uid {st.st_uid}, not to AstBill's"
+                          f" uid {uid}: remove it, or chown it to uid {uid} and chmod 700 it")
+    if st.st_mode & 0o022:
+        raise UnsafeSpool(f"spool {directory} is writable by others (mode"
+                          f" {stat.S_IMODE(st.st_mode):o}): chmod 700 it")
+    return directory
+
+
+def readable_dirs(settings):
+    """The spools that exist and are trusted: the only ones ever read."""
+    found = []
+    for directory in spool_dirs(settings):
+        try:
+            if trusted(directory):
+                found.append(directory)
+        except OSError:
+            continue
+    return found
+
+
 def ensure_dir(path):
-    """The spool directory, made (0700) if missing."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    """The spool directory, made (0700) if missing, and trusted."""
+    if trusted(path) is None:
+        try:
+            os.makedirs(path, mode=0o700)
+        except FileExistsError:
+            pass  # made meanwhile, by another call or by someone else: checked next
+        if trusted(path) is None:
+            raise FileNotFoundError(f"spool {path} vanished")
     return path
 
 
@@ -85,7 +143,8 @@ def write(directory, call, exclusive):
     import json
     final = os.path.join(directory, call.uniqueid + SUFFIX)
     tmp = f"{final}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    remove(tmp)  # left by a process of this pid that died writing
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         os.write(fd, json.dumps(call.as_dict()).encode())
         os.fsync(fd)
@@ -102,7 +161,7 @@ def write(directory, call, exclusive):
                 name = final if n == 0 else os.path.join(
                     directory, f"{call.uniqueid}{REPEAT}{n}{SUFFIX}")
                 try:
-                    os.link(tmp, name)
+                    os.link(tmp, name, follow_symlinks=False)
                     final = name
                     break
                 except FileExistsError:
@@ -111,9 +170,8 @@ def write(directory, call, exclusive):
             else:
                 raise FileExistsError(final)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    dir_fd = os.open(directory, os.O_RDONLY)
+        remove(tmp)
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -122,49 +180,79 @@ def write(directory, call, exclusive):
 
 
 def spooled(directory, uniqueid):
-    return os.path.exists(os.path.join(directory, uniqueid + SUFFIX))
+    return is_record(os.path.join(directory, uniqueid + SUFFIX))
+
+
+def is_record(path):
+    """A regular file of this user's, looked at without following a link."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
 
 
 def holds(settings, uniqueid):
-    """Does either spool hold a record of this call (of this release or the
-    first, set aside or not)?"""
-    return any(os.path.exists(os.path.join(directory, uniqueid + ending))
-               for directory in spool_dirs(settings)
-               for ending in (SUFFIX, SUFFIX + BAD, LEGACY, LEGACY + BAD))
+    """Does a trusted spool hold a record of this call (of this release or
+    the first, set aside or not)?"""
+    return any(is_record(os.path.join(directory, uniqueid + ending))
+               for directory in readable_dirs(settings) for ending in ENDINGS)
 
 
 # -- reading and replaying --------------------------------------------------------
 
 def records(settings):
-    """{uniqueid: [paths]} of every spooled record, in both spools."""
-    found = {}
-    for directory in spool_dirs(settings):
+    """{uniqueid: [paths]} of every spooled record in the trusted spools."""
+    return scan(settings)[0]
+
+
+def scan(settings):
+    """({uniqueid: [paths]} of the records in the trusted spools, [paths of
+    entries named like records that are not: FIFOs, links, directories,
+    other users' files]) -- those are never opened."""
+    found, strays = {}, []
+    for directory in readable_dirs(settings):
         try:
             names = sorted(os.listdir(directory))
         except OSError:
             continue
         for name in names:
-            for ending in (SUFFIX, SUFFIX + BAD, LEGACY, LEGACY + BAD):
-                if name.endswith(ending):
-                    uniqueid = name[:-len(ending)].split(REPEAT)[0]
-                    found.setdefault(uniqueid, []).append(os.path.join(directory, name))
-    return found
+            ending = next((e for e in ENDINGS if name.endswith(e)), None)
+            if ending is None:
+                continue
+            path = os.path.join(directory, name)
+            if not is_record(path):
+                strays.append(path)
+                continue
+            uniqueid = name[:-len(ending)].split(REPEAT)[0]
+            found.setdefault(uniqueid, []).append(path)
+    return found, strays
 
 
 def read(path):
     """The CallRecord in ``path``; ValueError if it is not one."""
     import json
-    with open(path, "rb") as f:
-        text = f.read(65536)
+    # No link followed, no wait on a FIFO swapped in since the scan.
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise ValueError("not a regular file of AstBill's user")
+        text = os.read(fd, MAX_RECORD + 1)
+    finally:
+        os.close(fd)
+    if len(text) > MAX_RECORD:
+        raise ValueError(f"larger than {MAX_RECORD} bytes")
     try:
         data = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8; nesting too deep
+        raise ValueError(f"not JSON: {type(exc).__name__}") from None
     return CallRecord.from_dict(from_first_release(data) if path.endswith(LEGACY) else data)
 
 
 def from_first_release(data):
-    """A first-release spool record in CallRecord's fields (then checked as any)."""
+    """A first-release spool record in CallRecord's fields (then checked as
+    any), or ValueError: every part is checked before it is used."""
     if not isinstance(data, dict) or not {"uniqueid", "dialstatus", "talk_ms", "duration",
                                            "dstchannel", "end", "late"} <= set(data):
         raise ValueError("not a first-release spool record")
@@ -173,13 +261,21 @@ def from_first_release(data):
                   talk_ms=data["talk_ms"], duration=data["duration"],
                   dstchannel=data["dstchannel"], ended=data["end"])
     late = data["late"]
-    if late:  # let through an outage: all that billing it takes
-        cdr = late.get("cdr") or {}
-        record.update(late=True, account=late.get("account"), number=late.get("number"),
-                      started=int(late.get("started", 0)), max_secs=late.get("max_secs"),
-                      dial=cdr.get("lastdata", ""),
-                      **{k: cdr.get(k, "") for k in ("clid", "src", "dcontext", "channel",
-                                                     "accountcode", "linkedid")})
+    if late is None or late is False:
+        return record
+    # Let through an outage: all that billing it takes.
+    if not isinstance(late, dict) or not {"account", "number", "started", "max_secs"} <= set(late):
+        raise ValueError("not a first-release spool record: late must hold the call")
+    cdr = late.get("cdr", {})
+    started = late["started"]   # the first release wrote time.time(), a float
+    if (not isinstance(cdr, dict) or type(started) not in (int, float)
+            or not 0 <= started < 2 ** 40):
+        raise ValueError("not a first-release spool record: bad late call")
+    record.update(late=True, account=late["account"], number=late["number"],
+                  started=int(started), max_secs=late["max_secs"],
+                  dial=cdr.get("lastdata", ""),
+                  **{k: cdr.get(k, "") for k in ("clid", "src", "dcontext", "channel",
+                                                 "accountcode", "linkedid")})
     return record
 
 
@@ -193,10 +289,11 @@ def replay(settings, store, wait_secs=0):
 
     One replayer at a time (a lock file in the spool); another waits up to
     ``wait_secs`` for it, then gives up, holding every spooled call back
-    from the sweep.  A record that is not a valid call, or names a call
-    the database never authorized, is set aside (*.bad) for the operator;
-    its call is held back from the sweep too.  A failure settles nothing of
-    that call and moves on to the next; an outage ends the replay.
+    from the sweep.  A record that is not a valid call, names a call the
+    database never authorized, or fails in any other way of its own is set
+    aside (*.bad) for the operator; its call is held back from the sweep
+    too.  Then the replay moves on to the next call: only a database that
+    no longer answers ends it.
     """
     report = Replay()
     found = records(settings)
@@ -214,8 +311,19 @@ def replay(settings, store, wait_secs=0):
             except Busy:
                 continue
             except StoreError:
-                break
+                if not answers(store):
+                    break  # an outage: the rest waits for the next replay
     return report
+
+
+def answers(store):
+    """Does the database still answer?  (After a failure: one that was the
+    record's own, such as a row the database refused, is no outage.)"""
+    try:
+        store.read(lambda tx: tx.now())
+    except StoreError:
+        return False
+    return True
 
 
 def replay_one(settings, store, paths, report):
@@ -225,11 +333,12 @@ def replay_one(settings, store, paths, report):
         if path.endswith(BAD):
             return False
         try:
-            calls.append((read(path), path))
+            call = read(path)
+            if not (call.ended or call.late):
+                raise ValueError("an unfinished record of a call not let through")
         except (OSError, ValueError) as exc:
-            set_aside(path, exc)
-            report.set_aside += 1
-            return False
+            return set_aside(path, exc, report)
+        calls.append((call, path))
     ended = [(c, p) for c, p in calls if c.ended]
     if not ended:
         call, path = calls[0]
@@ -248,10 +357,16 @@ def replay_one(settings, store, paths, report):
                 ledger.bill_late(store, call, settings, policy)
             else:
                 ledger.settle_call(store, call, settings)
+        except StoreError:
+            raise
         except UnknownCall as exc:
-            set_aside(path, exc)
-            report.set_aside += 1
-            return False
+            if call.answered or call.late:
+                return set_aside(path, exc, report)
+            # Never answered, and the database has no such call: its
+            # authorization never committed (a refusal that spooled its
+            # release in case it had).  Nothing to bill, nothing to release.
+        except Exception as exc:  # any failure of this record's own: the next goes on
+            return set_aside(path, f"{type(exc).__name__}: {exc}", report)
     for _, path in calls:
         remove(path)
     report.settled += 1
@@ -286,7 +401,8 @@ def open_lock(settings, wait_secs):
     import fcntl
     for directory in spool_dirs(settings):
         try:
-            fd = os.open(os.path.join(ensure_dir(directory), LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(os.path.join(ensure_dir(directory), LOCK),
+                         os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
             break
         except OSError:
             continue
@@ -312,19 +428,25 @@ def remove(path):
         pass
 
 
-def set_aside(path, why):
-    """Keep a record that cannot be settled for the operator, with why."""
+def set_aside(path, why, report=None):
+    """Keep a record that cannot be settled for the operator, with why (and
+    count it in ``report``); False: the call is not off the books."""
+    if report is not None:
+        report.set_aside += 1
     try:
         os.replace(path, path + BAD)
     except OSError:
-        return
+        return False
     try:
         # Owner only, as the record beside it: why quotes what the record holds.
-        fd = os.open(path + BAD + ".why", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        remove(path + BAD + ".why")
+        fd = os.open(path + BAD + ".why", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                     0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(f"{' '.join(str(why).split())}\n")
     except OSError:
         pass
+    return False
 
 
 # -- the sweep ---------------------------------------------------------------------
@@ -426,10 +548,19 @@ def audit(settings, store):
 
 
 def spool_problems(settings):
-    """Spooled calls the operator should know of."""
+    """Spools refused, and spooled calls, the operator should know of: the
+    books are not whole while a settlement waits or was set aside."""
     problems = []
+    for directory in spool_dirs(settings):
+        try:
+            trusted(directory)
+        except OSError as exc:
+            problems.append(f"{exc} (refused: AstBill neither reads nor writes it)")
+    found, strays = scan(settings)
+    problems.extend(f"spool entry {path} is not a regular file of AstBill's user: skipped,"
+                    " remove it" for path in strays)
     fallback = settings["spool_fallback_dir"]
-    for uniqueid, paths in sorted(records(settings).items()):
+    for uniqueid, paths in sorted(found.items()):
         for path in paths:
             if path.endswith(BAD):
                 problems.append(f"call {uniqueid}: spooled record set aside as unusable: {path}"
@@ -437,15 +568,26 @@ def spool_problems(settings):
             elif fallback and os.path.dirname(path) == fallback.rstrip("/"):
                 problems.append(f"call {uniqueid}: settlement in the fallback spool {path}"
                                 " (the spool could not be written; run astbill-admin sweep)")
-            elif time.time() - os.path.getmtime(path) > settings["sweep_grace_secs"]:
-                problems.append(f"call {uniqueid}: settlement spooled since"
-                                f" {timestamp(os.path.getmtime(path))} (run astbill-admin sweep)")
+            elif waiting(path, settings):
+                problems.append(f"call {uniqueid}: settlement waits in the spool since"
+                                f" {timestamp(os.lstat(path).st_mtime)} (run astbill-admin sweep)")
     return problems
+
+
+def waiting(path, settings):
+    """Does this record wait for the database?  Every settlement does; the
+    claim of a call let through an outage only once that call must be over."""
+    try:
+        call = read(path)
+    except (OSError, ValueError):
+        return True  # the replay will set it aside
+    return bool(call.ended) or overdue_claim(call, settings)
 
 
 def why(path):
     try:
-        with open(path + ".why", encoding="utf-8") as f:
-            return f" ({f.read().strip()})"
+        fd = os.open(path + ".why", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, encoding="utf-8", errors="replace") as f:
+            return f" ({f.read(1000).strip()})"
     except OSError:
         return ""
