@@ -196,12 +196,24 @@ def test_agi_arguments_name_the_config_and_the_number(tariff):
     assert result.variables_set["ASTBILL_COST"] == "0.0220"  # 10.5 s is 11 s
 
 
+def test_caller_id_names_no_account_unless_the_config_trusts_it(tariff):
+    import yaml  # written by hand: write_config would refuse it before astbill.py does
+    tariff.config.write_text(yaml.safe_dump(dict(tariff.settings, account_source="callerid")))
+    result = place_call(tariff, Scenario(answered_ms=61_000), account="", agi_callerid="1001")
+    assert result.variables_set["ASTBILL_STATUS"] == "ERROR", result.dialogue_text()
+    assert not result.dial_args
+    assert "account_source callerid lets callers choose who pays" in result.dialogue_text()
+    tariff.write_config()  # the fixture's own config again, to read the database
+    assert tariff.balance("1001") == Decimal("10.00")
+    assert tariff.admin_ok("calls").splitlines()[1:] == []  # the header, no call
+
+
 @pytest.mark.parametrize("source, scenario_vars, env, account", [
     ("callerid", {}, {"account": "", "agi_callerid": "1001"}, "1001"),
     ("variable:PREPAID_ACCOUNT", {"PREPAID_ACCOUNT": "1001"}, {"account": "9999"}, "1001"),
 ])
 def test_the_paying_account_can_come_from_caller_id_or_a_variable(tariff, source, scenario_vars, env, account):
-    tariff.write_config(account_source=source)
+    tariff.write_config(account_source=source, trust_callerid=source == "callerid")
     result = place_call(tariff, Scenario(answered_ms=61_000, variables=scenario_vars), **env)
     assert result.variables_set["ASTBILL_STATUS"] == "OK", result.dialogue_text()
     assert tariff.cdr(result.uniqueid)["account"] == account

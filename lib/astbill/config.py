@@ -45,6 +45,7 @@ DEFAULTS = {
     "lcr_allow_loss": False,
     "lcr_max_trunks": 3,
     "billsec_rounding": "up",
+    "trust_callerid": False,
 }
 _TYPES = {
     "database": str, "account_source": str, "international_prefix": str,
@@ -55,7 +56,7 @@ _TYPES = {
     "connect_timeout_secs": int, "sweep_grace_secs": int,
     "sweep_policy": str, "asterisk_cdr_table": str, "database_password_env": str,
     "mysql_driver": str, "tariffs": dict, "timezone": str, "lcr_allow_loss": bool,
-    "lcr_max_trunks": int, "billsec_rounding": str,
+    "lcr_max_trunks": int, "billsec_rounding": str, "trust_callerid": bool,
 }
 _CHOICES = {"on_db_error": ("refuse", "allow"), "sweep_policy": ("release", "charge"),
             "mysql_driver": ("auto", "mysqlclient", "pymysql"),
@@ -188,6 +189,10 @@ def check(raw, path="config"):
     if source not in ("accountcode", "callerid") and not (
             variable and variable.replace("_", "").isalnum() and variable.isascii()):
         raise ConfigError(f"{path}: account_source must be accountcode, callerid or variable:NAME")
+    if source == "callerid" and not settings["trust_callerid"]:
+        # The caller sets their own caller ID: anyone could name the account that pays.
+        raise ConfigError(f"{path}: account_source callerid lets callers choose who pays;"
+                          " set trust_callerid: true only if a proxy you run sets caller ID")
     table = settings["asterisk_cdr_table"]
     if table and not (table.replace("_", "").isalnum() and table.isascii()):
         raise ConfigError(f"{path}: asterisk_cdr_table must be a plain table name")
