@@ -78,6 +78,44 @@ def test_trunks_are_added_listed_disabled_and_removed(tariff):
     assert json.loads(tariff.admin_ok("trunk", "list", "--json")) == []
 
 
+@pytest.mark.parametrize("template, why", [
+    ("SIP/x/{number},30", "must not contain ','"),
+    ("SIP/x/{number}|30", "must not contain '|'"),
+    ('SIP/x/"{number}', "must not contain '\"'"),
+    ("SIP/x/{number}\\", "must not contain '\\\\'"),
+    ("SIP/x/({number}", "must balance its parentheses"),
+])
+def test_a_dial_template_that_would_move_astbills_limit_out_of_its_field_is_refused(
+        tariff, template, why):
+    # Dial reads "SIP/x/N,30,60,L(...)": the 30 would be the timeout and L()
+    # would land in the URL field, where Asterisk enforces nothing.
+    status, out, err = tariff.admin("trunk", "add", "carrier-x", "--dial", template)
+    assert (status, out) == (1, "")
+    assert err.startswith(f"astbill-admin: --dial {why}") and err.count("\n") == 1, err
+    assert json.loads(tariff.admin_ok("trunk", "list", "--json")) == []
+
+
+@pytest.mark.parametrize("key, value", [("dial", "SIP/trunk/{number},45"),
+                                        ("dial_options", "g,45"), ("dial_options", "L(1")])
+def test_a_config_whose_dial_would_move_the_limit_is_refused(tariff, key, value):
+    from astbill.config import ConfigError, check
+    with pytest.raises(ConfigError, match=f"^config: {key} must"):
+        check(dict(tariff.settings, **{key: value}))
+
+
+def test_a_bad_template_written_behind_astbills_back_is_never_dialled(trunks):
+    store = trunks.store()
+    store.atomic(lambda tx: tx.run("UPDATE asttrunk SET dial = 'SIP/c/{number},30'"
+                                   " WHERE name = 'carrier-c'"))
+    store.close()
+    result = place_call(trunks, Scenario(answered_ms=61_000))
+    assert dialled(result) == [], result.dialogue_text()
+    assert "not dialled: Dial string" in result.dialogue_text()
+    assert result.variables_set["ASTBILL_COST"] == "0.0000"
+    assert trunks.cdr(result.uniqueid)["disposition"] == "NO ANSWER"
+    invariants(trunks, {"1001": Decimal("10")})
+
+
 def test_route_says_what_a_call_would_get(trunks):
     out = json.loads(trunks.admin_ok("route", "+4912345678", "--account", "1001", "--json"))
     assert out == {
