@@ -42,7 +42,7 @@ from conftest import ROOT
 INSTALL = ROOT / "INSTALL"
 # Where INSTALL puts things; the test puts each under its temporary root.
 MOVED = ("/var/lib/asterisk/agi-bin", "/etc/astbill", "/var/lib/astbill", "/var/spool/astbill",
-         "/etc/cron.d", "/etc/systemd/system", "/dev/shm/astbill")
+         "/etc/cron.d", "/etc/systemd/system", "/etc/tmpfiles.d", "/run/astbill")
 # The asterisk user, as INSTALL names it, and who plays it here.
 USER_WORDS = (("-u asterisk ", "-u nobody "), ("-o asterisk -g asterisk", "-o nobody -g nogroup"),
               ("chown asterisk:", "chown nobody:"))
@@ -92,9 +92,8 @@ class Box:
         self.cwd = ROOT  # INSTALL starts in the unpacked AstBill
         self.edited = False
         for path in ("/var/lib/asterisk/agi-bin", "/var/spool", "/etc/cron.d",
-                     "/etc/systemd/system", "/dev/shm"):
+                     "/etc/systemd/system", "/etc/tmpfiles.d", "/run"):
             self.moved(path).mkdir(parents=True, exist_ok=True)
-        self.moved("/dev/shm").chmod(0o1777)
         for directory in [root, *root.rglob("*")]:
             directory.chmod(directory.stat().st_mode | 0o755)  # as on a real box
 

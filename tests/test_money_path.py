@@ -372,3 +372,104 @@ def test_a_call_swept_from_asterisks_cdr_is_priced_when_it_was_up(tariff):
     start = ledger.epoch(cdr["start"])
     assert cdr["start"].startswith("2026-11-30 10:00:0")
     assert (cdr["answer"], cdr["end"]) == (cdr["start"], ledger.timestamp(start + 600))
+
+
+# -- second review: only AstBill's own spool is trusted, one bad record stops nothing ----
+
+def forged(uniqueid, **fields):
+    """A spool record as an attacker would write it: a whole, valid CallRecord."""
+    call = ledger.CallRecord(uniqueid=uniqueid, started=1, ended=2, **fields)
+    return json.dumps(call.as_dict())
+
+
+@pytest.mark.parametrize("how", ["another user's", "group-writable", "world-writable"])
+def test_a_fallback_spool_anyone_else_could_write_is_never_read(tariff, how):
+    # The fallback spool was made by someone else before AstBill needed it:
+    # a forged NOANSWER would settle a live call at 0, a forged late call
+    # would charge another account for a call never made.
+    tariff.admin_ok("account", "add", "2002", "--balance", "10")
+    gate = threading.Event()
+    live = start_held_call(tariff, gate, answered_ms=61_000)
+    assert live.dial_reached.wait(30)
+    fallback = tariff.fallback_spool
+    fallback.mkdir(mode=0o700)
+    (fallback / f"{live.uniqueid}.call").write_text(forged(live.uniqueid, dialstatus="NOANSWER"))
+    (fallback / "1700000000.9.call").write_text(forged(
+        "1700000000.9", account="2002", number="4912345678", max_secs=1800, late=True,
+        dialstatus="ANSWER", talk_ms=1_800_000, dial="PJSIP/4912345678@trunk"))
+    os.symlink(tariff.config, fallback / "1700000000.8.call.bad.why")
+    if how == "another user's":
+        if os.geteuid() != 0:
+            pytest.skip("needs root to give a directory to another user")
+        for path in [fallback, *fallback.iterdir()]:
+            os.lchown(path, 65534, 65534)
+    else:
+        fallback.chmod(0o770 if how == "group-writable" else 0o777)
+    config = tariff.config.read_bytes()
+    swept = tariff.admin_process("sweep", "--json")
+    assert swept.returncode == 0, swept.stderr
+    assert tariff.reservations() == [(live.uniqueid,)]   # the live call is untouched
+    assert tariff.balance("2002") == Decimal("10")
+    status, out, _ = tariff.admin("audit")
+    why = {"another user's": "belongs to uid 65534", "group-writable": "is writable by others",
+           "world-writable": "is writable by others"}[how]
+    assert status == 1 and f"spool {fallback} {why}" in out, out
+    assert "(refused: AstBill neither reads nor writes it)" in out
+    gate.set()
+    assert live.wait().variables_set["ASTBILL_COST"] == "0.1200"
+    assert tariff.config.read_bytes() == config and len(list(fallback.iterdir())) == 3
+    assert tariff.balance("1001") == Decimal("9.88")
+
+
+def test_a_spool_that_is_a_symbolic_link_is_refused(tariff, request):
+    real = tariff.path / "elsewhere"
+    real.mkdir(mode=0o700)
+    os.symlink(real, tariff.spool)
+    uniqueid, result = spooled_call(tariff, request)
+    # Never written through the link: the record went to the fallback.
+    assert list(real.iterdir()) == [] and (tariff.fallback_spool / f"{uniqueid}.call").exists()
+    status, out, _ = tariff.admin("audit")
+    assert status == 1 and f"spool {tariff.spool} is a symbolic link" in out
+    tariff.sweep()
+    assert tariff.balance("1001") == Decimal("9.88")
+
+
+def test_bad_records_are_set_aside_and_the_real_call_beside_them_is_billed(tariff, request):
+    uniqueid, _ = spooled_call(tariff, request)
+    spool = tariff.spool
+    # A first-release record that says it was let through but not who pays;
+    # JSON nested past any parser's depth; a FIFO and a directory named as
+    # records (a blocking open of the FIFO would hang every sweep).
+    (spool / "1700000000.1.settle").write_text(json.dumps(
+        {"uniqueid": "1700000000.1", "dialstatus": "ANSWER", "talk_ms": 60000, "duration": 60,
+         "dstchannel": "", "end": 1700000060, "late": True}))
+    (spool / "1700000000.2.call").write_text("[" * 30_000 + "]" * 30_000)
+    os.mkfifo(spool / "1700000000.3.call", 0o600)
+    (spool / "1700000000.4.call").mkdir()
+    (spool / "1700000000.5.call").write_bytes(b"\xff\xfe not UTF-8")
+    swept = tariff.admin_process("sweep", "--json")
+    assert swept.returncode == 0 and "Traceback" not in swept.stderr, swept.stderr
+    assert json.loads(swept.stdout)["replayed"] == 1
+    assert tariff.cdr(uniqueid)["cost"] == Decimal("0.12")
+    assert tariff.balance("1001") == Decimal("9.88") and tariff.reservations() == []
+    assert sorted(p.name for p in spool.glob("*.bad")) == [
+        "1700000000.1.settle.bad", "1700000000.2.call.bad", "1700000000.5.call.bad"]
+    status, out, _ = tariff.admin("audit")
+    assert status == 1
+    for name, why in (("1700000000.1.settle", "not a first-release spool record: late must"),
+                      ("1700000000.2.call", "not JSON: RecursionError"),
+                      ("1700000000.5.call", "not JSON: JSONDecodeError")):
+        assert f"spooled record set aside as unusable: {spool / name}.bad ({why}" in out, out
+    for name in ("1700000000.3.call", "1700000000.4.call"):
+        assert f"spool entry {spool / name} is not a regular file of AstBill's user" in out
+    nxt = place_call(tariff, Scenario(answered_ms=61_000))   # the next call replays too
+    assert nxt.returncode == 0 and "Traceback" not in nxt.stderr, nxt.stderr
+    assert nxt.variables_set["ASTBILL_COST"] == "0.1200"
+
+
+def test_the_audit_fails_while_a_settlement_waits_in_the_spool(tariff, request):
+    uniqueid, _ = spooled_call(tariff, request)
+    status, out, _ = tariff.admin("audit")
+    assert status == 1 and f"call {uniqueid}: settlement waits in the spool since" in out, out
+    tariff.sweep()
+    invariants(tariff, D10)

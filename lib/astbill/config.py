@@ -32,8 +32,10 @@ DEFAULTS = {
     "db_error_allow_secs": 60,
     "spool_dir": "/var/spool/astbill",
     # Where a settlement goes when spool_dir cannot be written (disk full, a
-    # broken deploy): memory, on another filesystem.  "" for none.
-    "spool_fallback_dir": "/dev/shm/astbill",
+    # broken deploy): memory, on another filesystem, in a directory made at
+    # boot for AstBill's user alone (conf/astbill.tmpfiles) -- never in a
+    # directory any local user could make first.  "" for none.
+    "spool_fallback_dir": "/run/astbill",
     "connect_timeout_secs": 1,
     "sweep_grace_secs": 300,
     "sweep_policy": "release",
