@@ -473,3 +473,27 @@ def test_the_audit_fails_while_a_settlement_waits_in_the_spool(tariff, request):
     assert status == 1 and f"call {uniqueid}: settlement waits in the spool since" in out, out
     tariff.sweep()
     invariants(tariff, D10)
+
+
+@pytest.mark.parametrize("policy, corrected", [("release", "-0.12"), ("charge", "0.00")])
+def test_a_let_through_call_settled_by_policy_while_it_was_up_is_corrected(
+        tariff, request, policy, corrected):
+    tariff.write_config(on_db_error="allow", db_error_allow_secs=120, sweep_policy=policy)
+    restore = take_database_down(tariff, request)
+    gate = threading.Event()
+    call = start_held_call(tariff, gate, answered_ms=61_000)
+    assert call.dial_reached.wait(30)
+    restore()
+    # A box whose clock stepped two hours forward finds the claim overdue.
+    ahead = tariff.admin_process("sweep", "--json", env=dict(
+        tariff.env, PYTHONPATH=SKEWED_CLOCK, ASTBILL_TEST_CLOCK_SKEW="7200"))
+    assert json.loads(ahead.stdout)["replayed"] == 1, ahead.stderr
+    assert tariff.cdr(call.uniqueid)["state"] == policy + "d"
+    gate.set()
+    result = call.wait()
+    assert result.variables_set["ASTBILL_COST"] == "0.1200", result.dialogue_text()
+    cdr = tariff.cdr(call.uniqueid)
+    assert (cdr["state"], cdr["billsec"], cdr["cost"]) == ("settled", 61, Decimal("0.12"))
+    assert tariff.query("SELECT amount FROM astledger WHERE kind = 'correction'") == (
+        [(tariff.store().money_in(Decimal(corrected)),)] if corrected != "0.00" else [])
+    invariants(tariff, D10)

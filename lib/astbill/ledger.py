@@ -434,7 +434,8 @@ def correct(tx, call, terms, settings):
     if cost != terms["cost"]:
         tx.change_balance(terms["account"], terms["cost"] - cost, "correction", call.uniqueid,
                           timestamp(call.ended))
-    complete(tx, call, terms["account"], billsec, cost, "settled", None, correcting=True)
+    complete(tx, call, terms["account"], billsec, cost, "settled", None, correcting=True,
+             buy_cost=buy_cost(tx, call, terms, billsec, settings))
     return Settlement("settled", cost, billsec, reason=f"corrected after the sweep had"
                                                       f" {terms['state']} it")
 
@@ -483,6 +484,10 @@ def bill_late(store, call, settings, policy=None):
     def work(tx):
         terms = tx.call_terms(call.uniqueid)
         if terms is not None:
+            if terms["state"] in ("released", "charged") and policy is None and call.ended:
+                # Its claim looked overdue (a box clock stepped forward) and
+                # was settled by policy while the call was up.
+                return correct(tx, call, terms, settings)
             return Settlement("repeated", terms["cost"], terms["billsec"])
         tx.open_cdr(dict(call.cdr(), **rate_columns(sell.rate_at(call.started)), state="active"))
         billsec, cost = charge_for(sell, call, call.max_secs, settings)
