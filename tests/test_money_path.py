@@ -13,7 +13,7 @@ import pytest
 from agipeer import Scenario
 from astbill import ledger, recovery
 from astbill.config import ConfigError, check, load
-from astbill.store import Busy
+from astbill.store import Busy, StoreError
 from conftest import ASTBILL, AccountLock, invariants, place_call, start_held_call
 from test_bad_input import CALL_REPLIES, env_bytes, run_in_process
 from test_failures import take_database_down, unreachable
@@ -497,3 +497,31 @@ def test_a_let_through_call_settled_by_policy_while_it_was_up_is_corrected(
     assert tariff.query("SELECT amount FROM astledger WHERE kind = 'correction'") == (
         [(tariff.store().money_in(Decimal(corrected)),)] if corrected != "0.00" else [])
     invariants(tariff, D10)
+
+
+def test_a_record_the_database_refuses_waits_and_the_replay_goes_on(tariff, request, monkeypatch):
+    tariff.admin_ok("account", "add", "2002", "--balance", "10")
+    gate = threading.Event()
+    calls = [start_held_call(tariff, gate, account=a, answered_ms=61_000) for a in ("1001", "2002")]
+    assert all(c.dial_reached.wait(30) for c in calls)
+    restore = take_database_down(tariff, request)
+    gate.set()
+    first, second = sorted(c.uniqueid for c in calls)
+    assert all("ASTBILL_COST" not in c.wait().variables_set for c in calls)
+    restore()
+    settle_call = ledger.settle_call
+
+    def refusing(store, call, settings, policy=None):
+        if call.uniqueid == first:   # a row this database refuses, as a full disk would
+            raise StoreError("1114: The table 'astledger' is full")
+        return settle_call(store, call, settings, policy)
+
+    monkeypatch.setattr(ledger, "settle_call", refusing)
+    tariff.backdate(7200)
+    assert [(d["uniqueid"], d["action"]) for d in tariff.sweep()] == [(first, "held")]
+    assert sorted(p.name for p in tariff.spool.iterdir() if p.name.endswith(".call")) == [
+        f"{first}.call"]                      # waits, not set aside; the second is billed
+    assert (tariff.cdr(second)["state"], tariff.cdr(first)["state"]) == ("settled", "active")
+    monkeypatch.setattr(ledger, "settle_call", settle_call)
+    assert tariff.sweep() == []
+    invariants(tariff, {"1001": Decimal("10"), "2002": Decimal("10")})
