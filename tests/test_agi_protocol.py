@@ -1,11 +1,16 @@
 """The AGI channel against the bytes a real Asterisk 20 sent, and the pyst2
 pitfalls that made us speak the protocol directly."""
 import io
+import re
 import signal
+import sys
+from decimal import Decimal
 
 import pytest
 
+from agipeer import Scenario, agi_env, run_call
 from astbill.agi import AGIError, Channel, Hangup, parse_reply, quote
+from conftest import ASTBILL
 from recorded import dialogue, reply_to, sent_by_asterisk
 
 DIAL = b'EXEC Dial "Local/1600@callee,30"\n'
@@ -116,3 +121,51 @@ def test_a_fastagi_hangup_line_is_noted_and_the_reply_still_read():
     ch = channel_from(env_block("local-caller_hangup") + [b"HANGUP\n", b"200 result=1 (ANSWER)\n"])
     assert ch.get("DIALSTATUS") == "ANSWER"
     assert ch.hungup
+
+
+# -- the environment block: one caller-set value cannot add or change a key --------
+
+def read_block(lines):
+    from astbill.agi import Channel
+    channel = Channel(io.BytesIO("".join(f"{line}\n" for line in lines).encode() + b"\n"),
+                      io.BytesIO())
+    return channel.read_env()
+
+
+@pytest.mark.parametrize("injected, why", [
+    # agi_calleridname: "x\nagi_arg_1: -c\nagi_arg_2: /tmp/evil.yaml" -- another config, and database
+    (["agi_arg_1: -c", "agi_arg_2: /tmp/evil.yaml"], "'agi_callingpres' out of order"),
+    (["agi_accountcode: victim"], "'agi_callingpres' out of order"),
+    (["agi_extension: 4990000"], "'agi_callingpres' out of order"),
+    (["agi_uniqueid: 1.1"], "repeats 'agi_uniqueid'"),
+    (["agi_callingpres: 0"], "repeats 'agi_callingpres'"),
+    (["agi_network: yes"], "'agi_network' out of order"),
+])
+def test_a_newline_in_the_caller_id_name_cannot_smuggle_a_key_in(injected, why):
+    from astbill.agi import BadEnvironment
+    lines = [f"{key}: {value}" for key, value in agi_env(agi_accountcode="1001").items()]
+    at = next(i for i, line in enumerate(lines) if line.startswith("agi_calleridname:")) + 1
+    with pytest.raises(BadEnvironment, match=f"^AGI environment (has )?{re.escape(why)}"):
+        read_block(lines[:at] + injected + lines[at:])
+
+
+def test_arguments_come_last_and_in_order_and_fastagi_keys_first():
+    from astbill.agi import BadEnvironment
+    lines = [f"{key}: {value}" for key, value in agi_env().items()]
+    network = ["agi_network: yes", "agi_network_script: astbill/prepaid"]
+    env = read_block(network + lines + ["agi_arg_1: -c", "agi_arg_2: /etc/astbill/a.yaml"])
+    assert (env["agi_network_script"], env["agi_arg_2"]) == ("astbill/prepaid", "/etc/astbill/a.yaml")
+    with pytest.raises(BadEnvironment, match="'agi_arg_3' out of order"):
+        read_block(lines + ["agi_arg_1: x", "agi_arg_3: y"])
+    with pytest.raises(BadEnvironment, match="'agi_threadid' out of order"):
+        read_block(lines[:-1] + ["agi_arg_1: x", lines[-1]])
+
+
+def test_a_smuggled_key_refuses_the_call_and_the_real_process_says_why(tariff):
+    block = agi_env(agi_extension="4912345678", agi_accountcode="1001",
+                    agi_calleridname="x\nagi_arg_1: -c\nagi_arg_2: /nonexistent.yaml")
+    result = run_call([sys.executable, ASTBILL], Scenario(answered_ms=61_000), block, tariff.env, 30)
+    assert result.variables_set["ASTBILL_STATUS"] == "ERROR", result.dialogue_text()
+    assert not result.dial_args
+    assert result.verbose == ["astbill: ERROR AGI environment has 'agi_callingpres' out of order"]
+    assert tariff.balance("1001") == Decimal("10") and tariff.reservations() == []

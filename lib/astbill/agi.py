@@ -17,6 +17,15 @@ console), so the protocol is spoken here directly; it is small.
 """
 
 MAX_LINE = 8192
+# The environment block's keys in the order res_agi writes them (FastAGI's
+# two first), then agi_arg_1, agi_arg_2 ...  A caller chooses their own
+# caller ID name; a newline in it must not add or change a key.
+ENV_ORDER = ("agi_network", "agi_network_script", "agi_request", "agi_channel",
+             "agi_language", "agi_type", "agi_uniqueid", "agi_version", "agi_callerid",
+             "agi_calleridname", "agi_callingpres", "agi_callingani2", "agi_callington",
+             "agi_callingtns", "agi_dnid", "agi_rdnis", "agi_context", "agi_extension",
+             "agi_priority", "agi_enhanced", "agi_accountcode", "agi_threadid")
+_ENV_RANK = {key: rank for rank, key in enumerate(ENV_ORDER)}
 
 
 class Hangup(Exception):
@@ -33,6 +42,11 @@ class Hangup(Exception):
 
 class AGIError(Exception):
     """Asterisk sent something that is not AGI; the message is one line."""
+
+
+class BadEnvironment(AGIError):
+    """The environment block was read whole, but is not one Asterisk wrote
+    alone (a key twice or out of its place): the call is refused."""
 
 
 class Reply:
@@ -90,17 +104,33 @@ class Channel:
             raise AGIError("AGI line is not UTF-8") from None
 
     def read_env(self):
-        """Read the ``agi_*`` block Asterisk sends first, up to its blank line."""
-        env = self.env
+        """Read the ``agi_*`` block Asterisk sends first, up to its blank
+        line; BadEnvironment, once it is read, if a key is repeated or out
+        of Asterisk's order (an argument anywhere but at the end)."""
+        env, problem, rank, args = self.env, None, -1, 0
         while True:
             line = self._readline()
             if not line:
+                if problem:
+                    raise BadEnvironment(problem)
                 return env
             key, sep, value = line.partition(": ")
             if not sep and line.endswith(":"):
                 key, sep, value = line[:-1], ":", ""
             if not sep or not key.startswith("agi_"):
                 raise AGIError(f"not an AGI environment line: {line[:80]!r}")
+            if problem:
+                continue
+            if key in env:
+                problem = f"AGI environment repeats {key[:40]!r}"
+            elif key.startswith("agi_arg_"):
+                args += 1
+                if key != f"agi_arg_{args}":
+                    problem = f"AGI environment has {key[:40]!r} out of order"
+            elif args or _ENV_RANK.get(key, rank) < rank:
+                problem = f"AGI environment has {key[:40]!r} out of order"
+            else:
+                rank = _ENV_RANK.get(key, rank)
             env[key] = value
 
     def command(self, text):

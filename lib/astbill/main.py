@@ -11,7 +11,7 @@ import sys
 import _signal as signal
 
 from . import callflow
-from .agi import AGIError, Channel, Hangup
+from .agi import AGIError, BadEnvironment, Channel, Hangup
 from .config import ConfigError, load
 from .ledger import ERROR
 
@@ -26,7 +26,7 @@ def main(argv, stdin=None, stdout=None):
         config, target = parse_args(agi_args(channel.env) or argv)
         settings = load(config)
         settlement = callflow.handle(channel, settings, target)
-    except ConfigError as exc:
+    except (ConfigError, BadEnvironment) as exc:
         report(channel, f"{ERROR} {exc}")
         return 0
     except (Hangup, AGIError) as exc:
