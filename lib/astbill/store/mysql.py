@@ -210,7 +210,7 @@ class MySQLStore(Store):
     now_sql = "UTC_TIMESTAMP()"
     table_sql = ("SELECT table_name FROM information_schema.tables"
                  " WHERE table_schema = DATABASE() AND table_name = ?")
-    dialect = {"money": "DECIMAL(19,6)", "time": "DATETIME",
+    dialect = {"backend": "mysql", "money": "DECIMAL(19,6)", "time": "DATETIME",
                "id": "BIGINT NOT NULL AUTO_INCREMENT",
                "table": "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"}
 

@@ -4,6 +4,10 @@ Each step is written once, with {money}, {time}, {id} and {table} for what
 differs between backends, and runs once: ``astschema`` records every step
 applied.  A database made by the first release (its tables, no
 ``astschema``) counts as version 1.
+
+A statement only one backend needs (or one whose syntax differs, such as
+DROP INDEX) follows a line ``--@ mysql`` or ``--@ sqlite``: the other
+backend skips it.
 """
 import os
 
@@ -23,12 +27,28 @@ def steps():
     return found
 
 
+ONLY = "--@ "   # a line naming the one backend the next statement is for
+
+
 def statements(store, name):
-    """The step's statements in the store's dialect."""
+    """The step's statements in the store's dialect, without those meant
+    for another backend only."""
     with open(os.path.join(SQL_DIR, name), encoding="utf-8") as f:
-        text = "\n".join(line.split("--", 1)[0] for line in f)
-    return [s.strip().format(now=store.now_sql, **store.dialect)
-            for s in text.split(";") if s.strip()]
+        lines = [f"@{line[len(ONLY):].strip()} " if line.startswith(ONLY)
+                 else line.split("--", 1)[0] for line in f]
+    found = []
+    for text in "\n".join(lines).split(";"):
+        text = text.strip()
+        if text.startswith("@"):
+            backend, _, text = text[1:].partition(" ")
+            if backend not in ("mysql", "sqlite"):
+                raise StoreError(f"schema step {name}: unknown backend {backend!r} after {ONLY}")
+            if backend != store.dialect["backend"]:
+                continue
+            text = text.strip()
+        if text:
+            found.append(text.format(now=store.now_sql, **store.dialect))
+    return found
 
 
 def current_version(store):
