@@ -236,3 +236,69 @@ def test_a_version_4_call_in_progress_settles_at_its_prices_after_the_upgrade(re
     assert result.variables_set["ASTBILL_COST"] == "0.1800", result.dialogue_text()
     assert release_4.cdr(result.uniqueid)["buy_cost"] == Decimal("0.009")
     invariants(release_4, {"1001": Decimal("10")})
+
+
+STEP_5 = "005-deck-per-call.sql"
+
+
+@pytest.mark.parametrize("release_4", ["mariadb"], indirect=True)   # SQLite: all or nothing
+@pytest.mark.parametrize("by_hand, recorded", [(2, None), (5, 2), (6, None)],
+                         ids=["first-statements", "more-than-recorded", "all-unrecorded"])
+def test_a_step_applied_in_part_without_its_record_is_finished_by_init_db(
+        release_4, by_hand, recorded):
+    """MySQL commits each DDL statement: statements of a step may be applied
+    and not recorded (run by hand, or the process died before it wrote the
+    record).  Resuming, init-db takes "already there" for applied: a column,
+    an index, a dropped index."""
+    store = release_4.store()
+    todo = schema.statements(store, STEP_5)
+    store.execute_script(todo[:by_hand])
+    if recorded is not None:
+        store.atomic(lambda tx: schema.progress(tx, 5, recorded))
+    store.close()
+    assert release_4.admin("init-db") == (
+        0, f"schema upgraded from version 4 to {schema.latest()}\n", "")
+    assert release_4.query("SELECT version, done, applied IS NOT NULL FROM astschema"
+                           " WHERE version = 5") == [(5, len(todo), 1)]
+    assert release_4.query("SELECT deck IS NOT NULL, trunk_deck IS NOT NULL FROM astcdr") == [
+        (1, 1)]
+    assert release_4.admin("init-db") == (0, f"schema ready (version {schema.latest()})\n", "")
+
+
+@pytest.mark.parametrize("release_4", ["mariadb"], indirect=True)
+def test_already_there_after_a_statement_that_ran_is_an_error(release_4):
+    """Once a statement of the step has run, none after it can have been
+    applied before: a column already there is not AstBill's doing."""
+    store = release_4.store()
+    store.execute_script([schema.statements(store, STEP_5)[1]])   # trunk_deck, out of order
+    store.close()
+    status, out, err = release_4.admin("init-db")
+    assert (status, out) == (1, "")
+    assert err.startswith(f"astbill-admin: schema step {STEP_5}, statement 2 of ")
+    assert "Duplicate column name 'trunk_deck'" in err
+
+
+@pytest.mark.parametrize("release_1", ["mariadb"], indirect=True)
+def test_steps_begun_by_hand_with_a_table_are_finished_by_init_db(release_1):
+    before = dump(release_1)
+    store = release_1.store()
+    step_3 = schema.statements(store, "003-carrier-routing.sql")
+    store.execute_script(schema.statements(store, "002-sweep-by-age.sql") + step_3[:2])
+    store.close()
+    assert release_1.admin("init-db") == (
+        0, f"schema upgraded from version 1 to {schema.latest()}\n", "")
+    assert dump(release_1, upgraded=True) == before
+
+
+@pytest.mark.parametrize("release_1", ["mariadb"], indirect=True)
+def test_a_table_in_the_way_of_a_steps_first_statement_is_an_error(release_1):
+    """A table of the name a step creates counts as the step's only if it has
+    the step's columns."""
+    store = release_1.store()
+    store.execute_script(["CREATE INDEX astcreditres_created ON astcreditres (created)",
+                          "CREATE TABLE asttrunk (x INT)"])      # step 2 by hand; 3 in the way
+    store.close()
+    status, _, err = release_1.admin("init-db")
+    assert status == 1
+    assert err.startswith("astbill-admin: schema step 003-carrier-routing.sql, statement 1 of")
+    assert release_1.query("SELECT MAX(version) FROM astschema WHERE applied IS NOT NULL") == [(2,)]

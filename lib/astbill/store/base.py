@@ -15,7 +15,9 @@ from ..money import D
 
 
 class StoreError(Exception):
-    """The database failed or cannot be reached; the message is one line."""
+    """The database failed or cannot be reached; the message is one line.
+    ``code``: the server's error number, where it gives one (MySQL)."""
+    code = None
 
 
 class Busy(StoreError):
@@ -59,6 +61,10 @@ class Store:
     def _classify(self, exc):
         """'deadlock', 'timeout', 'integrity', or None (any other failure)."""
         raise NotImplementedError
+
+    def _code(self, exc):
+        """The server's error number of a driver error, or None."""
+        return None
 
     driver_errors = ()
 
@@ -155,6 +161,11 @@ class Store:
             self.close()
 
     def _error(self, exc, kind):
+        error = self._named_error(exc, kind)
+        error.code = self._code(exc)
+        return error
+
+    def _named_error(self, exc, kind):
         text = " ".join(str(exc).split()) or type(exc).__name__
         if kind == "timeout":
             return Busy(f"lock wait timed out: {text}")
@@ -501,6 +512,10 @@ class Tx:
     # -- the sweep and the audit ---------------------------------------------
     def has_table(self, name):
         return self.one(self.store.table_sql, (name,)) is not None
+
+    def columns(self, table):
+        """The names of the table's columns, in lower case."""
+        return [str(r[0]).lower() for r in self.all(self.store.columns_sql, (table,))]
 
     def now(self):
         """The database's clock, 'YYYY-MM-DD HH:MM:SS' UTC."""

@@ -210,6 +210,8 @@ class MySQLStore(Store):
     now_sql = "UTC_TIMESTAMP()"
     table_sql = ("SELECT table_name FROM information_schema.tables"
                  " WHERE table_schema = DATABASE() AND table_name = ?")
+    columns_sql = ("SELECT column_name FROM information_schema.columns"
+                   " WHERE table_schema = DATABASE() AND table_name = ?")
     dialect = {"backend": "mysql", "money": "DECIMAL(19,6)", "time": "DATETIME",
                "id": "BIGINT NOT NULL AUTO_INCREMENT",
                "table": "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"}
@@ -259,8 +261,11 @@ class MySQLStore(Store):
             client_flag=FOUND_ROWS,
             init_command=f"SET SESSION innodb_lock_wait_timeout = {timeout}, autocommit = 1")
 
+    def _code(self, exc):
+        return exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+
     def _classify(self, exc):
-        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        code = self._code(exc)
         if code in _DEADLOCK:
             return "deadlock"
         if code in _TIMEOUT:

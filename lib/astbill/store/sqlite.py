@@ -23,6 +23,7 @@ class SQLiteStore(Store):
     begin_sql = "BEGIN IMMEDIATE"
     now_sql = "strftime('%Y-%m-%d %H:%M:%S', 'now')"
     table_sql = "SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?"
+    columns_sql = "SELECT name FROM pragma_table_info(?)"
     dialect = {"backend": "sqlite", "money": "INTEGER", "time": "TEXT", "id": "INTEGER NOT NULL",
                "table": "",
                "prelude": ("PRAGMA journal_mode=WAL",), "transactional_ddl": True}
