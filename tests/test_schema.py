@@ -302,3 +302,16 @@ def test_a_table_in_the_way_of_a_steps_first_statement_is_an_error(release_1):
     assert status == 1
     assert err.startswith("astbill-admin: schema step 003-carrier-routing.sql, statement 1 of")
     assert release_1.query("SELECT MAX(version) FROM astschema WHERE applied IS NOT NULL") == [(2,)]
+
+
+@pytest.mark.parametrize("release_1", ["mariadb"], indirect=True)
+def test_an_upgraded_mysql_database_matches_account_names_exactly(release_1):
+    release_1.admin_ok("init-db")
+    database = release_1.settings["database"].rsplit("/", 1)[1]
+    assert release_1.query(
+        "SELECT table_name, collation_name FROM information_schema.columns WHERE"
+        " table_schema = ? AND column_name = 'account' ORDER BY table_name", (database,)) == [
+        (table, "utf8mb4_nopad_bin") for table in ("astaccount", "astcdr", "astcreditres",
+                                                   "astledger")]
+    assert release_1.query("SELECT COUNT(*) FROM astaccount WHERE account = '1001 '") == [(0,)]
+    assert release_1.query("SELECT COUNT(*) FROM astaccount WHERE account = '1001'") == [(1,)]

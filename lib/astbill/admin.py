@@ -563,7 +563,8 @@ def checked_name(value, what, longest):
 
 def account_named(name):
     """An account name to look up: one ``account add`` would refuse is no
-    account -- said here, since MySQL would match '1001 ' to '1001'."""
+    account -- said here, since MySQL before the schema's version 6
+    matched '1001 ' to '1001'."""
     try:
         return checked_name(name, "account", 80)
     except AdminError:

@@ -183,6 +183,10 @@ class Store:
         from .schema import migrate
         return migrate(self)
 
+    def schema_words(self):
+        """What the schema's steps fill in: the dialect's words."""
+        return self.dialect
+
     def execute_script(self, statements):
         """Run DDL statements, each on its own (MySQL commits DDL at once)."""
         try:

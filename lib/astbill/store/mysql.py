@@ -226,6 +226,19 @@ class MySQLStore(Store):
     def where(self):
         return f"database at {self.node}" if self.node else "the database"
 
+    # Binary and NO PAD ('acc1 ' is not 'acc1'): MariaDB 10.2's name, then
+    # MySQL 8's; a server with neither gets the binary one that pads.
+    EXACT = ("utf8mb4_nopad_bin", "utf8mb4_0900_bin", "utf8mb4_bin")
+
+    def schema_words(self):
+        """The dialect, and {exact}: the server's exact collation."""
+        if "exact" not in self.__dict__:
+            known = {r[0] for r in self.read(lambda tx: tx.all(
+                "SELECT collation_name FROM information_schema.collations WHERE collation_name"
+                f" IN ({', '.join('?' * len(self.EXACT))})", self.EXACT))}
+            self.exact = next((c for c in self.EXACT if c in known), "utf8mb4_bin")
+        return dict(self.dialect, exact=self.exact)
+
     def _connect(self):
         """The first server of the list that answers (a Galera cluster's
         nodes): a node that is down costs at most connect_timeout_secs."""

@@ -47,7 +47,7 @@ def statements(store, name):
                 continue
             text = text.strip()
         if text:
-            found.append(text.format(now=store.now_sql, **store.dialect))
+            found.append(text.format(now=store.now_sql, **store.schema_words()))
     return found
 
 
