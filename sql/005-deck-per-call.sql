@@ -1,9 +1,11 @@
 -- Version 5: a call settles at the prices it was authorized with.  Its CDR
--- names the deck that priced it (the tariff's) and the deck of the trunk
--- it was sent to; NULL in a CDR older than this step (priced, as before, by
--- the deck in force at its start).
+-- names the deck that priced it (the tariff's), the deck of the trunk it
+-- was sent to, and those of every trunk it may fail over to (' 12 15 ');
+-- NULL in a CDR older than this step (priced, as before, by the deck in
+-- force at its start).
 ALTER TABLE astcdr ADD COLUMN deck BIGINT NULL;
 ALTER TABLE astcdr ADD COLUMN trunk_deck BIGINT NULL;
+ALTER TABLE astcdr ADD COLUMN route_decks VARCHAR(255) NULL;
 
 -- Calls still to be settled (up, or swept by policy) keep the decks they
 -- were priced by: those in force at their start, which until now no

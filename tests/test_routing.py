@@ -271,6 +271,27 @@ def test_a_deck_imported_again_with_its_start_leaves_calls_in_progress_their_pri
     invariants(trunks, {"1001": Decimal("10")})
 
 
+def test_a_call_that_fails_over_pays_its_trunk_the_deck_it_was_authorized_with(trunks):
+    """The trunk it fails over to has its deck replaced while the call is up
+    (before that trunk is even dialled): the buy cost is still the old
+    deck's, which stays while the call may need it."""
+    gate = threading.Event()
+    call = start_held_call(trunks, gate, earlier_dials=("CHANUNAVAIL",), answered_ms=600_000)
+    assert call.dial_reached.wait(30)
+    deck(trunks, "trunk", "carrier-a", "49,Germany,0.0030,0,60,60\n", starts="1970-01-01 00:00")
+    assert decks_from(trunks, "1970-01-01 00:00:00") == [("tariff", 1), ("trunk", 5)]
+    gate.set()
+    result = call.wait()
+    assert result.variables_set["ASTBILL_TRUNK"] == "carrier-a", result.dialogue_text()
+    cdr = trunks.cdr(call.uniqueid)
+    assert (cdr["trunk"], cdr["cost"], cdr["buy_cost"]) == ("carrier-a", Decimal("0.6"),
+                                                           Decimal("0.3"))   # 0.03 x 10
+    after = place_call(trunks, Scenario(answered_ms=600_000))    # carrier-a, cheapest now
+    assert (trunks.cdr(after.uniqueid)["trunk"], trunks.cdr(after.uniqueid)["buy_cost"]) == (
+        "carrier-a", Decimal("0.03"))
+    invariants(trunks, {"1001": Decimal("10")})
+
+
 def test_a_call_swept_after_its_deck_was_replaced_is_priced_by_its_own_deck(tariff):
     deck(tariff, "tariff", "default", "49,Germany fixed,0.6000,0,60,60\n")
     tariff.write_config(asterisk_cdr_table="cdr")

@@ -272,7 +272,8 @@ def reserve(store, call, settings):
         if answer.status == OK:
             tx.add_reservation(call.uniqueid, call.account, max_cost, call.max_secs)
             tx.open_cdr(dict(call.cdr(), **rate_columns(sell.rate_at(call.started)),
-                             deck=deck, trunk_deck=call.trunk_deck or None, state="active"))
+                             deck=deck, trunk_deck=call.trunk_deck or None,
+                             route_decks=route_decks(routes), state="active"))
         return answer
 
     answer = store.atomic(work)
@@ -511,6 +512,13 @@ def bill_late(store, call, settings, policy=None):
         return Settlement("settled", cost, billsec)
 
     return store.atomic(work)
+
+
+def route_decks(routes):
+    """The decks of the trunks a call may be sent to, as the CDR keeps them:
+    ' 12 15 ' (so that ' 12 ' finds one), or None without trunks."""
+    decks = [str(r.deck) for r in routes or () if r.deck]
+    return f" {' '.join(decks)} " if decks else None
 
 
 def rate_columns(rate):

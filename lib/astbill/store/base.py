@@ -413,13 +413,17 @@ class Tx:
                  (kind, name, starts, now))
         deck = self.one("SELECT MAX(id) FROM astdeck WHERE kind = ? AND name = ? AND starts = ?",
                         (kind, name, starts))[0]
-        column = "deck" if kind == "tariff" else "trunk_deck"
-        for (old,) in self.all(
-                "SELECT d.id FROM astdeck d WHERE d.kind = ? AND d.name = ? AND d.starts = ?"
-                f" AND d.id < ? AND NOT EXISTS (SELECT 1 FROM astcdr c WHERE c.{column} = d.id"
-                f" AND c.state IN {self.UNSETTLED})", (kind, name, starts, deck)):
-            self.run("DELETE FROM astprice WHERE deck = ?", (old,))
-            self.run("DELETE FROM astdeck WHERE id = ?", (old,))
+        for (old,) in self.all("SELECT id FROM astdeck WHERE kind = ? AND name = ?"
+                               " AND starts = ? AND id < ?", (kind, name, starts, deck)):
+            if kind == "tariff":
+                used = self.one("SELECT 1 FROM astcdr WHERE deck = ?"
+                                f" AND state IN {self.UNSETTLED} LIMIT 1", (old,))
+            else:  # the trunk it was sent to, or one it may fail over to
+                used = self.one("SELECT 1 FROM astcdr WHERE (trunk_deck = ? OR route_decks LIKE ?)"
+                                f" AND state IN {self.UNSETTLED} LIMIT 1", (old, f"% {old} %"))
+            if used is None:
+                self.run("DELETE FROM astprice WHERE deck = ?", (old,))
+                self.run("DELETE FROM astdeck WHERE id = ?", (old,))
         m = self.store.money_in
         self.cur.executemany(self.store.sql(
             "INSERT INTO astprice (deck, prefix, days, start_min, end_min, destination, rate,"
