@@ -519,3 +519,23 @@ def test_cdr_csv_streams_in_the_same_memory_for_ten_times_the_rows(tmp_path):
     assert lines == 50_001
     print(f"peak RSS of cdr --csv: {small} KiB for 5,000 CDRs, {large} KiB for 50,000")
     assert large - small < 3 * 1024, (small, large)
+
+
+def test_account_names_match_exactly_on_every_backend(billing):
+    """MySQL's default collation would take 'ACC1' and 'acc1 ' for 'acc1'."""
+    billing.setup_rates(RATES)
+    billing.admin_ok("account", "add", "acc1", "--balance", "10")
+    for name in ("ACC1", "acc1 ", "Acc1"):
+        result = place_call(billing, Scenario(answered_ms=61_000), account=name)
+        assert result.variables_set["ASTBILL_STATUS"] == "NOACCOUNT", (name, result.dialogue_text())
+        assert result.dial_args is None
+    assert billing.admin("account", "show", "ACC1") == (
+        1, "", "astbill-admin: no account 'ACC1'\n")
+    assert billing.admin("topup", "ACC1", "5")[0] == 1
+    assert place_call(billing, Scenario(answered_ms=61_000), account="acc1").variables_set[
+        "ASTBILL_COST"] == "0.1200"
+    # A name that differs only in case is an account of its own.
+    billing.admin_ok("account", "add", "ACC1", "--balance", "1")
+    assert [(a["account"], a["balance"]) for a in json.loads(billing.admin_ok(
+        "account", "list", "--json"))] == [("ACC1", "1.0000"), ("acc1", "9.8800")]
+    assert billing.query("SELECT COUNT(*) FROM astcdr WHERE account = 'ACC1'") == [(0,)]

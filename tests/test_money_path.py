@@ -149,7 +149,7 @@ class DeadlockingStore:
         return work(self)
 
     def account_prices(self, account, prefixes, at):
-        return "default", [("49", "Germany", 127, 0, 1440, Decimal("0.06"), Decimal(0), 60, 60)]
+        return "default", [("49", "Germany", 127, 0, 1440, Decimal("0.06"), Decimal(0), 60, 60)], 1
 
     def trunk_prices(self, prefixes, at):
         return {}

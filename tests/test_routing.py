@@ -267,6 +267,87 @@ def test_a_dated_deck_takes_effect_at_its_start(tariff):
         1, "", "astbill-admin: --from must look like 'YYYY-MM-DD HH:MM' (UTC): 'soon'\n")
 
 
+def deck(billing, kind, name, rates, starts="2026-01-01 00:00"):
+    path = billing.path / f"{kind}-{name}.csv"
+    path.write_text(HEADER + rates)
+    billing.admin_ok("rate", "import", str(path), f"--{kind}", name, "--from", starts)
+
+
+def decks_from(billing, starts):
+    return billing.query("SELECT kind, COUNT(*) FROM astdeck WHERE starts = ?"
+                         " GROUP BY kind ORDER BY kind", (starts,))
+
+
+def test_a_deck_imported_again_with_its_start_leaves_calls_in_progress_their_prices(trunks):
+    """The deck in force is replaced (same --from) at a tenth of the price,
+    sell and buy, while a call is up: it settles at the prices it was
+    authorized with, as its CDR says; the next call pays the new ones."""
+    deck(trunks, "tariff", "default", "49,Germany fixed,0.6000,0,60,60\n")
+    deck(trunks, "trunk", "carrier-c", "49,Germany,0.0250,0.0100,6,6\n")
+    gate = threading.Event()
+    call = start_held_call(trunks, gate, answered_ms=600_000)
+    assert call.dial_reached.wait(30)
+    deck(trunks, "tariff", "default", "49,Germany fixed,0.0600,0,60,60\n")
+    deck(trunks, "trunk", "carrier-c", "49,Germany,0.0025,0.0010,6,6\n")
+    assert decks_from(trunks, "2026-01-01 00:00:00") == [("tariff", 2), ("trunk", 2)]
+    gate.set()
+    result = call.wait()
+    assert result.variables_set["ASTBILL_COST"] == "6.0000", result.dialogue_text()
+    assert result.variables_set["ASTBILL_TRUNK"] == "carrier-c"
+    cdr = trunks.cdr(call.uniqueid)
+    assert (cdr["rate"], cdr["cost"], cdr["buy_cost"], cdr["billsec"]) == (
+        Decimal("0.6"), Decimal("6"), Decimal("0.26"), 600)    # 0.01 + 0.025 x 10
+    after = place_call(trunks, Scenario(answered_ms=600_000))
+    assert after.variables_set["ASTBILL_COST"] == "0.6000", after.dialogue_text()
+    cdr = trunks.cdr(after.uniqueid)
+    assert (cdr["rate"], cdr["buy_cost"]) == (Decimal("0.06"), Decimal("0.026"))
+    # A replaced deck stays while a call in progress refers to it, and goes
+    # at the next import once none does.
+    deck(trunks, "tariff", "default", "49,Germany fixed,0.0600,0,60,60\n")
+    deck(trunks, "trunk", "carrier-c", "49,Germany,0.0025,0.0010,6,6\n")
+    assert decks_from(trunks, "2026-01-01 00:00:00") == [("tariff", 1), ("trunk", 1)]
+    invariants(trunks, {"1001": Decimal("10")})
+
+
+def test_a_call_that_fails_over_pays_its_trunk_the_deck_it_was_authorized_with(trunks):
+    """The trunk it fails over to has its deck replaced while the call is up
+    (before that trunk is even dialled): the buy cost is still the old
+    deck's, which stays while the call may need it."""
+    gate = threading.Event()
+    call = start_held_call(trunks, gate, earlier_dials=("CHANUNAVAIL",), answered_ms=600_000)
+    assert call.dial_reached.wait(30)
+    deck(trunks, "trunk", "carrier-a", "49,Germany,0.0030,0,60,60\n", starts="1970-01-01 00:00")
+    assert decks_from(trunks, "1970-01-01 00:00:00") == [("tariff", 1), ("trunk", 5)]
+    gate.set()
+    result = call.wait()
+    assert result.variables_set["ASTBILL_TRUNK"] == "carrier-a", result.dialogue_text()
+    cdr = trunks.cdr(call.uniqueid)
+    assert (cdr["trunk"], cdr["cost"], cdr["buy_cost"]) == ("carrier-a", Decimal("0.6"),
+                                                           Decimal("0.3"))   # 0.03 x 10
+    after = place_call(trunks, Scenario(answered_ms=600_000))    # carrier-a, cheapest now
+    assert (trunks.cdr(after.uniqueid)["trunk"], trunks.cdr(after.uniqueid)["buy_cost"]) == (
+        "carrier-a", Decimal("0.03"))
+    invariants(trunks, {"1001": Decimal("10")})
+
+
+def test_a_call_swept_after_its_deck_was_replaced_is_priced_by_its_own_deck(tariff):
+    deck(tariff, "tariff", "default", "49,Germany fixed,0.6000,0,60,60\n")
+    tariff.write_config(asterisk_cdr_table="cdr")
+    store = tariff.store()
+    store.atomic(lambda tx: tx.run(
+        "CREATE TABLE cdr (uniqueid VARCHAR(150) NOT NULL, lastapp VARCHAR(80) NOT NULL,"
+        " billsec INT NOT NULL, disposition VARCHAR(45) NOT NULL, PRIMARY KEY (uniqueid, lastapp))"))
+    result = place_call(tariff, Scenario(kill_after_dial_sent=True))   # the AGI dies in its Dial
+    deck(tariff, "tariff", "default", "49,Germany fixed,0.0600,0,60,60\n")
+    store.atomic(lambda tx: tx.run("INSERT INTO cdr VALUES (?, 'Dial', 125, 'ANSWERED')",
+                                   (result.uniqueid,)))
+    store.close()
+    tariff.backdate(7200)
+    assert [(d["uniqueid"], d["action"], d["cost"]) for d in tariff.sweep()] == [
+        (result.uniqueid, "settled", Decimal("1.8"))]    # 3 minutes at 0.60
+    invariants(tariff, {"1001": Decimal("10")})
+
+
 def test_rate_list_csv_imports_back_the_same_rates(peak):
     listed = peak.admin_ok("rate", "list", "--tariff", "peak", "--csv")
     again = peak.path / "again.csv"

@@ -10,12 +10,13 @@ import pytest
 
 from agipeer import Scenario
 from astbill.config import load
+from astbill.ledger import epoch, timestamp
 from astbill.store import open_store, schema
 from conftest import RATES, Billing, fresh_database, invariants, place_call
 
 RELEASE_1 = Path(__file__).resolve().parent / "fixtures" / "release-1"
 TABLES = ("astaccount", "astrate", "astcreditres", "astcdr", "astledger")
-COLUMNS_ADDED = {"astaccount": 2, "astcdr": 2}   # since the first release
+COLUMNS_ADDED = {"astaccount": 2, "astcdr": 5}   # since the first release
 
 
 @pytest.fixture(params=["sqlite", "mariadb"])
@@ -160,3 +161,157 @@ def test_an_upgrade_stopped_by_a_missing_privilege_resumes_where_it_stopped(rele
     assert release_1.admin("init-db") == (
         0, f"schema upgraded from version 2 to {schema.latest()}\n", "")
     assert dump(release_1, upgraded=True) == before
+
+
+@pytest.fixture(params=["sqlite", "mariadb"])
+def release_4(request, tmp_path):
+    """A database of the schema's version 4 with a call up: authorized on
+    the tariff's deck at 0.60 a minute, sent to trunk carrier-a (0.03)."""
+    billing = Billing(tmp_path, fresh_database(request, tmp_path, request.param))
+    billing.backend = request.param
+    store = open_store(dict(load(str(billing.config)), create_database=True))
+    store.execute_script(store.dialect.get("prelude", ()))
+    assert schema.current_version(store) == 0
+    for number, name in schema.steps():
+        if number <= 4:
+            schema.apply(store, number, name)
+    m = store.money_in
+    started = timestamp(time.time() - 200)
+    rows = [
+        ("INSERT INTO astaccount (account, tariff, balance, reserved, created) VALUES"
+         " ('1001', 'default', ?, ?, '2026-01-02 03:04:05')", (m(Decimal(10)), m(Decimal(6)))),
+        ("INSERT INTO astledger (account, amount, kind, uniqueid, created) VALUES"
+         " ('1001', ?, 'open', NULL, '2026-01-02 03:04:05')", (m(Decimal(10)),)),
+        ("INSERT INTO asttrunk (name, dial, created) VALUES ('carrier-a',"
+         " 'SIP/carrier-a/{number}', '2026-01-02 03:04:05')", ()),
+        ("INSERT INTO astdeck (kind, name, starts, created) VALUES ('tariff', 'default',"
+         " '1970-01-01 00:00:00', '2026-01-02 03:04:05'), ('trunk', 'carrier-a',"
+         " '1970-01-01 00:00:00', '2026-01-02 03:04:05')", ()),
+        ("INSERT INTO astprice SELECT id, '49', 127, 0, 1440, 'Germany', ?, 0, 60, 60"
+         " FROM astdeck WHERE kind = 'tariff'", (m(Decimal("0.6")),)),
+        ("INSERT INTO astprice SELECT id, '49', 127, 0, 1440, 'Germany', ?, 0, 60, 60"
+         " FROM astdeck WHERE kind = 'trunk'", (m(Decimal("0.03")),)),
+        ("INSERT INTO astcreditres VALUES ('4.1', '1001', ?, 600, ?)",
+         (m(Decimal(6)), timestamp())),
+        ("INSERT INTO astcdr (uniqueid, start, dst, lastapp, lastdata, account, tariff, prefix,"
+         " rate, connect_fee, min_secs, increment, max_secs, state, trunk) VALUES ('4.1', ?,"
+         " '4912345678', 'Dial', 'SIP/carrier-a/4912345678', '1001', 'default', '49', ?, ?, 60,"
+         " 60, 600, 'active', 'carrier-a')", (started, m(Decimal("0.6")), m(Decimal(0)))),
+    ]
+    for sql, params in rows:
+        store.atomic(lambda tx: tx.run(sql, params))
+    store.close()
+    billing.started = started
+    return billing
+
+
+def test_a_version_4_call_in_progress_settles_at_its_prices_after_the_upgrade(release_4):
+    """Upgraded while the call is up, both its decks imported again with
+    their start at a tenth of the price: the call's settlement, spooled in
+    the previous version's record (no trunk_deck), charges the prices it
+    was authorized with; a new call pays the new ones."""
+    assert release_4.admin("init-db") == (
+        0, f"schema upgraded from version 4 to {schema.latest()}\n", "")
+    for kind, name, rates in (("tariff", "default", "49,Germany,0.0600,0,60,60\n"),
+                              ("trunk", "carrier-a", "49,Germany,0.0030,0,60,60\n")):
+        path = release_4.path / f"{name}.csv"
+        path.write_text("prefix,destination,rate,connect_fee,min_secs,increment\n" + rates)
+        release_4.admin_ok("rate", "import", str(path), f"--{kind}", name,
+                           "--from", "1970-01-01 00:00")
+    assert release_4.query("SELECT COUNT(*) FROM astdeck") == [(4,)]   # the call's stay
+    release_4.spool.mkdir()
+    started = epoch(release_4.started)
+    (release_4.spool / "4.1.call").write_text(json.dumps({
+        "uniqueid": "4.1", "account": "1001", "number": "4912345678", "started": started,
+        "clid": "", "src": "", "dcontext": "", "channel": "", "accountcode": "1001",
+        "linkedid": "4.1", "dial": "SIP/carrier-a/4912345678", "trunk": "carrier-a",
+        "max_secs": 600, "late": False, "dialstatus": "ANSWER", "talk_ms": 125_000,
+        "duration": 130, "dstchannel": "SIP/carrier-a-1", "ended": started + 130}))
+    assert release_4.admin_ok("sweep").splitlines()[0] == (
+        "replayed 1 spooled settlements, set aside 0; swept 0 reservations")
+    cdr = release_4.cdr("4.1")
+    assert (cdr["state"], cdr["rate"], cdr["cost"], cdr["buy_cost"]) == (
+        "settled", Decimal("0.6"), Decimal("1.8"), Decimal("0.09"))      # 3 minutes each
+    result = place_call(release_4, Scenario(answered_ms=125_000))
+    assert result.variables_set["ASTBILL_COST"] == "0.1800", result.dialogue_text()
+    assert release_4.cdr(result.uniqueid)["buy_cost"] == Decimal("0.009")
+    invariants(release_4, {"1001": Decimal("10")})
+
+
+STEP_5 = "005-deck-per-call.sql"
+
+
+@pytest.mark.parametrize("release_4", ["mariadb"], indirect=True)   # SQLite: all or nothing
+@pytest.mark.parametrize("by_hand, recorded", [(2, None), (6, 2), (7, None)],
+                         ids=["first-statements", "more-than-recorded", "all-unrecorded"])
+def test_a_step_applied_in_part_without_its_record_is_finished_by_init_db(
+        release_4, by_hand, recorded):
+    """MySQL commits each DDL statement: statements of a step may be applied
+    and not recorded (run by hand, or the process died before it wrote the
+    record).  Resuming, init-db takes "already there" for applied: a column,
+    an index, a dropped index."""
+    store = release_4.store()
+    todo = schema.statements(store, STEP_5)
+    store.execute_script(todo[:by_hand])
+    if recorded is not None:
+        store.atomic(lambda tx: schema.progress(tx, 5, recorded))
+    store.close()
+    assert release_4.admin("init-db") == (
+        0, f"schema upgraded from version 4 to {schema.latest()}\n", "")
+    assert release_4.query("SELECT version, done, applied IS NOT NULL FROM astschema"
+                           " WHERE version = 5") == [(5, len(todo), 1)]
+    assert release_4.query("SELECT deck IS NOT NULL, trunk_deck IS NOT NULL FROM astcdr") == [
+        (1, 1)]
+    assert release_4.admin("init-db") == (0, f"schema ready (version {schema.latest()})\n", "")
+
+
+@pytest.mark.parametrize("release_4", ["mariadb"], indirect=True)
+def test_already_there_after_a_statement_that_ran_is_an_error(release_4):
+    """Once a statement of the step has run, none after it can have been
+    applied before: a column already there is not AstBill's doing."""
+    store = release_4.store()
+    store.execute_script([schema.statements(store, STEP_5)[1]])   # trunk_deck, out of order
+    store.close()
+    status, out, err = release_4.admin("init-db")
+    assert (status, out) == (1, "")
+    assert err.startswith(f"astbill-admin: schema step {STEP_5}, statement 2 of ")
+    assert "Duplicate column name 'trunk_deck'" in err
+
+
+@pytest.mark.parametrize("release_1", ["mariadb"], indirect=True)
+def test_steps_begun_by_hand_with_a_table_are_finished_by_init_db(release_1):
+    before = dump(release_1)
+    store = release_1.store()
+    step_3 = schema.statements(store, "003-carrier-routing.sql")
+    store.execute_script(schema.statements(store, "002-sweep-by-age.sql") + step_3[:2])
+    store.close()
+    assert release_1.admin("init-db") == (
+        0, f"schema upgraded from version 1 to {schema.latest()}\n", "")
+    assert dump(release_1, upgraded=True) == before
+
+
+@pytest.mark.parametrize("release_1", ["mariadb"], indirect=True)
+def test_a_table_in_the_way_of_a_steps_first_statement_is_an_error(release_1):
+    """A table of the name a step creates counts as the step's only if it has
+    the step's columns."""
+    store = release_1.store()
+    store.execute_script(["CREATE INDEX astcreditres_created ON astcreditres (created)",
+                          "CREATE TABLE asttrunk (x INT)"])      # step 2 by hand; 3 in the way
+    store.close()
+    status, _, err = release_1.admin("init-db")
+    assert status == 1
+    assert err.startswith("astbill-admin: schema step 003-carrier-routing.sql, statement 1 of")
+    assert release_1.query("SELECT MAX(version) FROM astschema WHERE applied IS NOT NULL") == [(2,)]
+
+
+@pytest.mark.parametrize("release_1", ["mariadb"], indirect=True)
+def test_an_upgraded_mysql_database_matches_account_names_exactly(release_1):
+    release_1.admin_ok("init-db")
+    database = release_1.settings["database"].rsplit("/", 1)[1]
+    assert release_1.query(
+        "SELECT table_name, collation_name FROM information_schema.columns WHERE"
+        " table_schema = ? AND column_name = 'account' ORDER BY table_name", (database,)) == [
+        (table, "utf8mb4_nopad_bin") for table in ("astaccount", "astcdr", "astcreditres",
+                                                   "astledger")]
+    assert release_1.query("SELECT COUNT(*) FROM astaccount WHERE account = '1001 '") == [(0,)]
+    assert release_1.query("SELECT COUNT(*) FROM astaccount WHERE account = '1001'") == [(1,)]

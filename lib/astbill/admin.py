@@ -187,8 +187,9 @@ def rate_commands(commands, sub):
                           ["rate import rates.csv --tariff default",
                            "rate list --tariff default --csv"])
     c = commands.add(rate, "import", rate_import, "import a deck of rates from CSV, replacing"
-                     " the deck that starts at the same time; one bad row and nothing is"
-                     " imported",
+                     " the deck that starts at the same time for new calls (calls in"
+                     " progress settle by the deck they were authorized with); one bad row"
+                     " and nothing is imported",
                      ["rate import rates.csv --tariff default",
                       "rate import 2027.csv --tariff default --from '2027-01-01 00:00'",
                       "rate import carrier-a.csv --trunk carrier-a --json"],
@@ -562,7 +563,8 @@ def checked_name(value, what, longest):
 
 def account_named(name):
     """An account name to look up: one ``account add`` would refuse is no
-    account -- said here, since MySQL would match '1001 ' to '1001'."""
+    account -- said here, since MySQL before the schema's version 6
+    matched '1001 ' to '1001'."""
     try:
         return checked_name(name, "account", 80)
     except AdminError:

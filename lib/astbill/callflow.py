@@ -100,6 +100,7 @@ def connect(channel, call, settings, routes, up_before):
     for route in routes or [None]:
         if route is not None:
             call.trunk, call.dial = route.trunk, route.dial_string(call.number)
+            call.trunk_deck = route.deck or 0
         if channel.hungup or not dial(channel, call, settings, up_before):
             return call.end("CANCEL", 0)
         if call.dialstatus not in ("CHANUNAVAIL", "CONGESTION"):

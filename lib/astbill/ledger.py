@@ -70,14 +70,18 @@ class CallRecord:
         "clid": str, "src": str, "dcontext": str, "channel": str,
         "accountcode": str, "linkedid": str,
         # what was granted: the whole Dial string (of the trunk dialled
-        # last, if any), the limit, and whether the call was let through a
-        # database outage (billed afterwards)
-        "dial": str, "trunk": str, "max_secs": int, "late": bool,
+        # last, if any, and the id of that trunk's deck that priced it), the
+        # limit, and whether the call was let through a database outage
+        # (billed afterwards)
+        "dial": str, "trunk": str, "trunk_deck": int, "max_secs": int, "late": bool,
         # how it ended (ended = 0 while it has not)
         "dialstatus": str, "talk_ms": int, "duration": int, "dstchannel": str, "ended": int,
     }
     __slots__ = tuple(FIELDS)
     LONGEST = {"dial": 4096}
+    # Fields a record written by an earlier version lacks: their defaults
+    # (0, "") mean "unknown", and settling falls back to what the CDR says.
+    ADDED = frozenset({"trunk_deck"})
 
     def __init__(self, **values):
         for name, kind in self.FIELDS.items():
@@ -103,8 +107,10 @@ class CallRecord:
     @classmethod
     def from_dict(cls, data):
         """A record from untrusted data (a spool file), or ValueError."""
-        if not isinstance(data, dict) or set(data) != set(cls.FIELDS):
+        if not isinstance(data, dict) or not (
+                set(cls.FIELDS) - cls.ADDED <= set(data) <= set(cls.FIELDS)):
             raise ValueError("not a call record: wrong fields")
+        data = {name: data.get(name, kind()) for name, kind in cls.FIELDS.items()}
         for name, kind in cls.FIELDS.items():
             value = data[name]
             if type(value) is not kind:  # exact: no bool for int, no float
@@ -259,14 +265,15 @@ def reserve(store, call, settings):
     priced = price(store, call, settings)
     if isinstance(priced, Grant):
         return priced
-    sell, routes = priced
+    sell, routes, deck = priced
 
     def work(tx):
         answer, max_cost = decide(call, sell, routes, tx.lock_account(call.account), settings)
         if answer.status == OK:
             tx.add_reservation(call.uniqueid, call.account, max_cost, call.max_secs)
             tx.open_cdr(dict(call.cdr(), **rate_columns(sell.rate_at(call.started)),
-                             state="active"))
+                             deck=deck, trunk_deck=call.trunk_deck or None,
+                             route_decks=route_decks(routes), state="active"))
         return answer
 
     answer = store.atomic(work)
@@ -294,14 +301,15 @@ def decide(call, sell, routes, account, settings):
 
 
 def price(store, call, settings):
-    """(sell Plan, routes) of the call -- its tariff's rates for the number
-    and the trunks to dial, as ``find_routes`` -- or a refusing Grant.
-    Sets the call's first Dial string."""
+    """(sell Plan, routes, sell deck id) of the call -- its tariff's rates
+    for the number, the trunks to dial, as ``find_routes``, and the deck the
+    rates come from -- or a refusing Grant.  Sets the call's first Dial
+    string (and trunk, and that trunk's deck)."""
     at, prefixes = timestamp(call.started), prefixes_of(call.number)
     found = store.read(lambda tx: tx.account_prices(call.account, prefixes, at))
     if found is None:
         return Grant("refused", NOACCOUNT, reason=f"account {call.account}")
-    tariff, rows = found
+    tariff, rows, deck = found
     if not rows:
         return Grant("refused", NORATE, reason=f"account {call.account} to {call.number}")
     sell = plan(rows, tariff, settings)
@@ -310,9 +318,10 @@ def price(store, call, settings):
         return Grant("refused", NOROUTE, reason=f"no trunk carries {call.number}")
     if routes:
         call.trunk, call.dial = routes[0].trunk, routes[0].dial_string(call.number)
+        call.trunk_deck = routes[0].deck
     else:
         call.dial = dial_string(settings, tariff, call.number)
-    return sell, routes
+    return sell, routes, deck
 
 
 def grant(sell, call, available, settings, dials=1):
@@ -334,7 +343,7 @@ def quote(settings, store, account, number):
     priced = price(store, call, settings)
     if isinstance(priced, Grant):
         return priced, None
-    sell, routes = priced
+    sell, routes, _ = priced
     rows = store.read(lambda tx: tx.accounts(account))
     answer, _ = decide(call, sell, routes, rows[0][2:] if rows else None, settings)
     return answer, sell.rate_at(call.started)
@@ -361,10 +370,10 @@ def find_routes(store, prefixes, now, sell_rate, settings):
     if not trunks:
         return None
     usable = []
-    for name, (dial, enabled, rows) in trunks.items():
+    for name, (dial, enabled, rows, deck) in trunks.items():
         if enabled and rows:
             buy = plan(rows, name, settings)
-            usable.append(Route(name, dial, buy, buy.rate_at(now)))
+            usable.append(Route(name, dial, buy, buy.rate_at(now), deck))
     return order_routes(usable, sell_rate, settings["lcr_allow_loss"], settings["lcr_max_trunks"])
 
 
@@ -407,10 +416,15 @@ def settle_call(store, call, settings, policy=None):
 
 
 def real_charge(tx, call, terms, settings):
-    """(billsec, cost) of the call by its tariff's deck in force when it was
-    authorized.  A call whose end nobody saw (the sweep, from Asterisk's
-    CDR) is priced at the dearest answer its reservation covered."""
-    rows = tx.tariff_prices(terms["tariff"], terms["prefix"], terms["start"])
+    """(billsec, cost) of the call by the deck it was authorized with,
+    whatever was imported since (a CDR from before version 5 names none:
+    the tariff's deck in force at its start).  A call whose end nobody saw
+    (the sweep, from Asterisk's CDR) is priced at the dearest answer its
+    reservation covered.  With its deck gone, the CDR's own rate prices it."""
+    if terms["deck"] is not None:
+        rows = tx.deck_prices(terms["deck"], [terms["prefix"]])
+    else:
+        rows = tx.tariff_prices(terms["tariff"], terms["prefix"], terms["start"])
     sell = plan(rows, terms["tariff"], settings) if rows else Plan(
         [(127, 0, 1440, Rate(terms["tariff"], terms["prefix"], "", terms["rate"],
                              terms["connect_fee"], terms["min_secs"], terms["increment"]))],
@@ -445,12 +459,18 @@ RESOLUTION = {None: ("settled", "call"), "release": ("released", "reaper"),
 
 
 def buy_cost(tx, call, terms, billsec, settings):
-    """What the trunk that carried the call charges for it: its own deck
-    (in force when the call was authorized), rates and increments."""
+    """What the trunk that carried the call charges for it: by the deck of
+    that trunk's that priced it at authorization (the call record's, or the
+    CDR's for the trunk it names), else by its deck in force at the call's
+    start; its rates and increments."""
     if not call.trunk or not call.answered:
         return None
-    found = tx.trunk_prices(prefixes_of(terms["number"]), terms["start"], call.trunk)
-    rows = found.get(call.trunk, (None, None, []))[2]
+    deck = call.trunk_deck or (terms["trunk_deck"] if call.trunk == terms["trunk"] else None)
+    prefixes = prefixes_of(terms["number"])
+    rows = tx.deck_prices(deck, prefixes) if deck else []
+    if not rows:
+        found = tx.trunk_prices(prefixes, terms["start"], call.trunk)
+        rows = found.get(call.trunk, (None, None, [], None))[2]
     if not rows:
         return None
     return plan(rows, call.trunk, settings).cost(answered_at(call, billsec), billsec, True,
@@ -489,13 +509,21 @@ def bill_late(store, call, settings, policy=None):
                 # was settled by policy while the call was up.
                 return correct(tx, call, terms, settings)
             return Settlement("repeated", terms["cost"], terms["billsec"])
-        tx.open_cdr(dict(call.cdr(), **rate_columns(sell.rate_at(call.started)), state="active"))
+        tx.open_cdr(dict(call.cdr(), **rate_columns(sell.rate_at(call.started)),
+                         deck=found[2] if rated else None, state="active"))
         billsec, cost = charge_for(sell, call, call.max_secs, settings)
         state, kind = RESOLUTION[policy] if policy else ("late", "call")
         complete(tx, call, call.account, billsec, cost, state if rated else "unbilled", kind)
         return Settlement("settled", cost, billsec)
 
     return store.atomic(work)
+
+
+def route_decks(routes):
+    """The decks of the trunks a call may be sent to, as the CDR keeps them:
+    ' 12 15 ' (so that ' 12 ' finds one), or None without trunks."""
+    decks = [str(r.deck) for r in routes or () if r.deck]
+    return f" {' '.join(decks)} " if decks else None
 
 
 def rate_columns(rate):
@@ -547,6 +575,8 @@ def complete(tx, call, account, billsec, cost, state, kind, release=None, buy_co
               "buy_cost": buy_cost}
     if call.dial:  # what was dialled last (the sweep knows nothing of it)
         fields.update(trunk=call.trunk, lastdata=call.dial[:255])
+        if call.trunk_deck:
+            fields.update(trunk_deck=call.trunk_deck)
     tx.close_cdr(call.uniqueid, fields, again=correcting)
 
 

@@ -210,7 +210,9 @@ class MySQLStore(Store):
     now_sql = "UTC_TIMESTAMP()"
     table_sql = ("SELECT table_name FROM information_schema.tables"
                  " WHERE table_schema = DATABASE() AND table_name = ?")
-    dialect = {"money": "DECIMAL(19,6)", "time": "DATETIME",
+    columns_sql = ("SELECT column_name FROM information_schema.columns"
+                   " WHERE table_schema = DATABASE() AND table_name = ?")
+    dialect = {"backend": "mysql", "money": "DECIMAL(19,6)", "time": "DATETIME",
                "id": "BIGINT NOT NULL AUTO_INCREMENT",
                "table": "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"}
 
@@ -223,6 +225,19 @@ class MySQLStore(Store):
 
     def where(self):
         return f"database at {self.node}" if self.node else "the database"
+
+    # Binary and NO PAD ('acc1 ' is not 'acc1'): MariaDB 10.2's name, then
+    # MySQL 8's; a server with neither gets the binary one that pads.
+    EXACT = ("utf8mb4_nopad_bin", "utf8mb4_0900_bin", "utf8mb4_bin")
+
+    def schema_words(self):
+        """The dialect, and {exact}: the server's exact collation."""
+        if "exact" not in self.__dict__:
+            known = {r[0] for r in self.read(lambda tx: tx.all(
+                "SELECT collation_name FROM information_schema.collations WHERE collation_name"
+                f" IN ({', '.join('?' * len(self.EXACT))})", self.EXACT))}
+            self.exact = next((c for c in self.EXACT if c in known), "utf8mb4_bin")
+        return dict(self.dialect, exact=self.exact)
 
     def _connect(self):
         """The first server of the list that answers (a Galera cluster's
@@ -259,8 +274,11 @@ class MySQLStore(Store):
             client_flag=FOUND_ROWS,
             init_command=f"SET SESSION innodb_lock_wait_timeout = {timeout}, autocommit = 1")
 
+    def _code(self, exc):
+        return exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+
     def _classify(self, exc):
-        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        code = self._code(exc)
         if code in _DEADLOCK:
             return "deadlock"
         if code in _TIMEOUT:

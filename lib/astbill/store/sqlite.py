@@ -23,7 +23,9 @@ class SQLiteStore(Store):
     begin_sql = "BEGIN IMMEDIATE"
     now_sql = "strftime('%Y-%m-%d %H:%M:%S', 'now')"
     table_sql = "SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?"
-    dialect = {"money": "INTEGER", "time": "TEXT", "id": "INTEGER NOT NULL", "table": "",
+    columns_sql = "SELECT name FROM pragma_table_info(?)"
+    dialect = {"backend": "sqlite", "money": "INTEGER", "time": "TEXT", "id": "INTEGER NOT NULL",
+               "table": "",
                "prelude": ("PRAGMA journal_mode=WAL",), "transactional_ddl": True}
     driver_errors = (sqlite3.Error,)
 
