@@ -212,6 +212,29 @@ def test_an_outage_at_authorization_refuses_quickly(tariff):
     assert tariff.query("SELECT COUNT(*) FROM astcdr") == [(0,)]
 
 
+@pytest.mark.parametrize("on_db_error", ["refuse", "allow"])
+def test_a_lost_commit_reply_at_authorization_releases_the_call_it_refuses(
+        tariff, request, on_db_error):
+    if tariff.backend == "sqlite":
+        pytest.skip("SQLite's commit has no reply to lose")
+    from commit_cutter import CommitCutter
+    server = request.getfixturevalue("mariadb")
+    cutter = CommitCutter(server.port)
+    request.addfinalizer(cutter.close)
+    good = tariff.settings["database"]
+    tariff.write_config(database=cutter.url(good), sweep_policy="charge", on_db_error=on_db_error)
+    cutter.armed.set()
+    result = place_call(tariff, Scenario(answered_ms=61_000))
+    assert cutter.cut.is_set()
+    assert (result.variables_set["ASTBILL_STATUS"], result.dial_args) == ("ERROR", None)
+    assert result.verbose[-1].endswith("; it had committed and is released"), result.verbose
+    tariff.write_config(database=good)
+    cdr = tariff.cdr(result.uniqueid)
+    assert (cdr["state"], cdr["cost"], cdr["disposition"]) == ("settled", Decimal(0), "NO ANSWER")
+    assert sweep_later(tariff) == []       # nothing left that a charging sweep could take
+    invariants(tariff, D10)
+
+
 def test_a_repeated_uniqueid_is_refused_even_when_outages_are_allowed(tariff):
     tariff.write_config(on_db_error="allow")
     first = place_call(tariff, Scenario(answered_ms=61_000))

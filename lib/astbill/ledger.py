@@ -180,9 +180,26 @@ def authorize(settings, call):
     except Conflict:
         return Grant("refused", ERROR, reason=f"call {call.uniqueid} was authorized already")
     except StoreError as exc:
+        if exc.in_doubt:
+            return Grant("outage", ERROR, reason=f"{exc}; {release_in_doubt(settings, call)}")
         if settings["on_db_error"] != "allow":
             return Grant("outage", ERROR, reason=str(exc))
         return let_through(settings, call, exc)
+
+
+def release_in_doubt(settings, call):
+    """The reservation's commit lost its reply, so it may hold: the call is
+    refused and its reservation released now (or its release spooled),
+    never left for a sweep that might charge it in full.  What was done."""
+    call.end("CANCEL", 0)
+    try:
+        attempt(settings, lambda store: settle_call(store, call, settings), 1)
+    except UnknownCall:
+        return "it had not committed"
+    except StoreError as exc:
+        from . import recovery
+        return recovery.spool(settings, call, exc).reason
+    return "it had committed and is released"
 
 
 def settle(settings, call):

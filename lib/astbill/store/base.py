@@ -16,8 +16,11 @@ from ..money import D
 
 class StoreError(Exception):
     """The database failed or cannot be reached; the message is one line.
-    ``code``: the server's error number, where it gives one (MySQL)."""
+    ``code``: the server's error number, where it gives one (MySQL).
+    ``in_doubt``: the connection failed while committing, so the
+    transaction may have committed all the same."""
     code = None
+    in_doubt = False
 
 
 class Busy(StoreError):
@@ -110,18 +113,24 @@ class Store:
         Any failure rolls back and raises: Busy (retryable after a deadlock
         or a certification failure), Conflict, or StoreError.
         """
+        committing = False
         try:
             conn = self.connection()
             cur = conn.cursor()
             self.began = time.monotonic()
             cur.execute(self.begin_sql)
             result = work(Tx(self, cur))
+            committing = True
             conn.commit()
             return result
         except self.driver_errors as exc:
             kind = self._classify(exc)
             self._rollback()
-            raise self._error(exc, kind) from None
+            error = self._error(exc, kind)
+            # A lost reply to COMMIT: the server may have committed.  (A
+            # deadlock or certification failure at commit is a rollback.)
+            error.in_doubt = committing and type(error) is StoreError
+            raise error from None
         except BaseException:
             self._rollback()
             raise
