@@ -525,3 +525,30 @@ def test_a_record_the_database_refuses_waits_and_the_replay_goes_on(tariff, requ
     monkeypatch.setattr(ledger, "settle_call", settle_call)
     assert tariff.sweep() == []
     invariants(tariff, {"1001": Decimal("10"), "2002": Decimal("10")})
+
+
+def test_calls_let_through_an_outage_are_capped_per_account_on_each_box(tariff):
+    good = tariff.settings["database"]
+    tariff.write_config(database=unreachable(tariff), on_db_error="allow", db_error_allow_secs=120)
+    gate = threading.Event()
+    first = start_held_call(tariff, gate, answered_ms=61_000)
+    assert first.dial_reached.wait(30)
+    second = place_call(tariff, Scenario(answered_ms=61_000))
+    assert (second.variables_set["ASTBILL_STATUS"], second.dial_args) == ("MAXCALLS", None)
+    assert second.verbose[-1].endswith("account 1001 has 1 calls let through already"
+                                       " (db_error_max_calls)"), second.verbose
+    other = place_call(tariff, Scenario(answered_ms=61_000), account="2002")
+    assert other.variables_set["ASTBILL_STATUS"] == "OK"     # another account's own allowance
+    tariff.write_config(db_error_max_calls=2)
+    third = place_call(tariff, Scenario(answered_ms=61_000))
+    assert third.variables_set["ASTBILL_STATUS"] == "OK", third.dialogue_text()
+    gate.set()
+    assert first.wait().returncode == 0
+    tariff.write_config(db_error_max_calls=1)
+    after = place_call(tariff, Scenario(answered_ms=61_000))   # the ended calls count no more
+    assert after.variables_set["ASTBILL_STATUS"] == "OK", after.dialogue_text()
+    tariff.write_config(database=good)
+    tariff.admin_ok("account", "add", "2002", "--balance", "10")
+    tariff.sweep()
+    assert tariff.balance("1001") == Decimal("9.64")          # three calls of 61 s
+    assert tariff.balance("2002") == Decimal("9.88")

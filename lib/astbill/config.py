@@ -30,6 +30,9 @@ DEFAULTS = {
     "lock_wait_secs": 3,
     "on_db_error": "refuse",
     "db_error_allow_secs": 60,
+    # Calls of one account let through an outage at once, on one box (the
+    # database and its call caps cannot be read then).
+    "db_error_max_calls": 1,
     "spool_dir": "/var/spool/astbill",
     # Where a settlement goes when spool_dir cannot be written (disk full, a
     # broken deploy): memory, on another filesystem, in a directory made at
@@ -54,7 +57,7 @@ _TYPES = {
     "national_prefix": str, "country_code": str, "max_call_secs": int,
     "ring_timeout": int, "dial": str, "dial_options": str, "warning_secs": int,
     "decimals": int, "lock_wait_secs": int, "on_db_error": str,
-    "db_error_allow_secs": int, "spool_dir": str, "spool_fallback_dir": str,
+    "db_error_allow_secs": int, "db_error_max_calls": int, "spool_dir": str, "spool_fallback_dir": str,
     "connect_timeout_secs": int, "sweep_grace_secs": int,
     "sweep_policy": str, "asterisk_cdr_table": str, "database_password_env": str,
     "mysql_driver": str, "tariffs": dict, "timezone": str, "lcr_allow_loss": bool,
@@ -66,6 +69,7 @@ _CHOICES = {"on_db_error": ("refuse", "allow"), "sweep_policy": ("release", "cha
 _RANGES = {"max_call_secs": (1, 86400), "ring_timeout": (1, 600),
            "warning_secs": (0, 3600), "decimals": (0, 6),
            "lock_wait_secs": (1, 60), "db_error_allow_secs": (1, 600),
+           "db_error_max_calls": (1, 100),
            "connect_timeout_secs": (1, 30), "lcr_max_trunks": (1, 10),
            "sweep_grace_secs": (0, 86400)}
 

@@ -267,6 +267,9 @@ def let_through(settings, call, outage):
         recovery.claim(settings, call)
     except FileExistsError:
         return Grant("refused", ERROR, reason=f"call {call.uniqueid} was let through already")
+    except recovery.TooManyCalls:
+        return Grant("refused", MAXCALLS, reason=f"{outage}; account {call.account} has"
+                     f" {settings['db_error_max_calls']} calls let through already (db_error_max_calls)")
     except OSError as exc:
         return Grant("outage", ERROR, reason=f"{outage}; nor can the spool hold the call: {exc}")
     return Grant("let through", OK, call.max_secs, f"{outage}; allowing {call.max_secs}s,"

@@ -38,6 +38,7 @@ LEGACY = ".settle"   # the first release's spool files, replayed the same way
 REPEAT = "~"   # UNIQUEID~N.call: a second record of one call (never in a uniqueid)
 BAD = ".bad"
 LOCK = ".replay.lock"
+CLAIM_LOCK = ".claim.lock"
 REPLAY_WAIT_SECS = 10
 ENDINGS = (SUFFIX, SUFFIX + BAD, LEGACY, LEGACY + BAD)
 # A record is a few hundred bytes; anything much larger is not one.
@@ -110,12 +111,44 @@ def ensure_dir(path):
     return path
 
 
+class TooManyCalls(Exception):
+    """The account has db_error_max_calls calls let through and still up."""
+
+
 def claim(settings, call):
-    """Hold a call let through an outage before it is dialled; a uniqueid
-    held already (by either spool) raises FileExistsError."""
-    if holds(settings, call.uniqueid):
-        raise FileExistsError(call.uniqueid)
-    write(ensure_dir(settings["spool_dir"]), call, exclusive=True)
+    """Hold a call let through an outage before it is dialled.  A uniqueid
+    held already (by either spool) raises FileExistsError; an account with
+    db_error_max_calls let-through calls up on this box, TooManyCalls.
+    Counted and claimed under one lock, so calls at once cannot both pass."""
+    import fcntl
+    directory = ensure_dir(settings["spool_dir"])
+    fd = os.open(os.path.join(directory, CLAIM_LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if holds(settings, call.uniqueid):
+            raise FileExistsError(call.uniqueid)
+        if let_through_up(settings, call.account) >= settings["db_error_max_calls"]:
+            raise TooManyCalls(call.account)
+        write(directory, call, exclusive=True)
+    finally:
+        os.close(fd)
+
+
+def let_through_up(settings, account):
+    """How many of ``account``'s calls let through an outage may still be
+    up on this box: their claims, not yet ended nor overdue."""
+    up = 0
+    for paths in records(settings).values():
+        for path in paths:
+            if path.endswith(BAD):
+                continue
+            try:
+                call = read(path)
+            except (OSError, ValueError):
+                continue
+            up += (call.late and not call.ended and call.account == account
+                   and not overdue_claim(call, settings))
+    return up
 
 
 def spool(settings, call, failure):
