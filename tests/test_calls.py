@@ -42,6 +42,17 @@ def test_answered_calls_are_billed_by_their_increments(tariff, number, talk_ms, 
     assert_billed(tariff, result, billsec, cost, balance)
 
 
+@pytest.mark.parametrize("number, talk_ms, billsec, cost, balance", [
+    ("4915123456", 60_999, 60, "0.1200", "9.88"),     # 1/1 at 0.12: whole seconds, as Asterisk's
+    ("4912345678", 60_999, 60, "0.0600", "9.94"),     # 60/60: one block
+])
+def test_billsec_rounding_down_bills_whole_seconds_as_asterisk_does(
+        tariff, number, talk_ms, billsec, cost, balance):
+    tariff.write_config(billsec_rounding="down")
+    result = place_call(tariff, Scenario(answered_ms=talk_ms), number=number)
+    assert_billed(tariff, result, billsec, cost, balance)
+
+
 def test_the_dial_carries_the_granted_limit(tariff):
     result = place_call(tariff, Scenario(answered_ms=1000), number="+4912345678")
     assert result.dial_args == "PJSIP/4912345678@trunk,60,L(3600000)"
