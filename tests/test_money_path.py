@@ -216,17 +216,23 @@ def test_a_bad_reservation_is_skipped_and_named_and_the_rest_are_swept(tariff):
 
 # -- 8. the replay goes on past a failure, and never sweeps what failed -------------------
 
-def test_the_replay_settles_what_it_can_and_the_sweep_holds_what_failed(tariff, request):
-    tariff.write_config(lock_wait_secs=1)
-    tariff.admin_ok("account", "add", "2002", "--balance", "10")
+def two_spooled_calls(billing, request):
+    """Calls of 1001 and 2002, 61 s each, ended while the database was down:
+    their uniqueids, in that order."""
+    billing.admin_ok("account", "add", "2002", "--balance", "10")
     gate = threading.Event()
-    calls = [start_held_call(tariff, gate, account=a, answered_ms=61_000) for a in ("1001", "2002")]
+    calls = [start_held_call(billing, gate, account=a, answered_ms=61_000) for a in ("1001", "2002")]
     assert all(c.dial_reached.wait(30) for c in calls)
-    restore = take_database_down(tariff, request)
+    restore = take_database_down(billing, request)
     gate.set()
-    first, second = (c.uniqueid for c in calls)
     assert all("ASTBILL_COST" not in c.wait().variables_set for c in calls)
     restore()
+    return [c.uniqueid for c in calls]
+
+
+def test_the_replay_settles_what_it_can_and_the_sweep_holds_what_failed(tariff, request):
+    tariff.write_config(lock_wait_secs=1)
+    first, second = two_spooled_calls(tariff, request)
     tariff.backdate(7200)
     lock = AccountLock(tariff, "1001")       # the first call's account stays busy
     try:
@@ -500,15 +506,7 @@ def test_a_let_through_call_settled_by_policy_while_it_was_up_is_corrected(
 
 
 def test_a_record_the_database_refuses_waits_and_the_replay_goes_on(tariff, request, monkeypatch):
-    tariff.admin_ok("account", "add", "2002", "--balance", "10")
-    gate = threading.Event()
-    calls = [start_held_call(tariff, gate, account=a, answered_ms=61_000) for a in ("1001", "2002")]
-    assert all(c.dial_reached.wait(30) for c in calls)
-    restore = take_database_down(tariff, request)
-    gate.set()
-    first, second = sorted(c.uniqueid for c in calls)
-    assert all("ASTBILL_COST" not in c.wait().variables_set for c in calls)
-    restore()
+    first, second = sorted(two_spooled_calls(tariff, request))  # as the replay takes them
     settle_call = ledger.settle_call
 
     def refusing(store, call, settings, policy=None):
