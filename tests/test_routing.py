@@ -130,8 +130,11 @@ def test_only_unavailable_or_congested_trunks_fail_over_and_none_twice(trunks, e
 def test_no_trunk_can_carry_the_number_is_noroute(trunks):
     trunks.admin_ok("trunk", "disable", "carrier-a")
     # Only carrier-a has 4915; carrier-c and -b still carry the number by 49.
+    # carrier-c, cheapest per minute, charges 0.0125 for a second (its 0.01
+    # connect fee and a 6 s block) that callers pay 0.0020 for (0.12 a
+    # minute on 1/1): at a loss, so carrier-b carries the call.
     result = place_call(trunks, Scenario(answered_ms=1000), number="4915123456")
-    assert dialled(result) == ["SIP/carrier-c/4915123456"]
+    assert dialled(result) == ["SIP/carrier-b/4915123456"]
     result = place_call(trunks, Scenario(answered_ms=1000), number="1555123")
     assert (result.variables_set["ASTBILL_STATUS"], result.dial_args) == ("NOROUTE", None)
     assert result.verbose == ["astbill: NOROUTE no trunk carries 1555123"]

@@ -284,19 +284,29 @@ def decide(call, sell, routes, account, settings):
     if max_calls and calls >= max_calls:
         return Grant("refused", MAXCALLS, reason=f"account {call.account} has {calls} calls"
                                                  f" in progress, its cap"), None
-    max_secs, max_cost = grant(sell, call, balance + credit_limit - reserved, settings,
-                               len(routes or ()))
+    # The grant covers an answer while any trunk that may be tried rings:
+    # the trunks skipped below only shorten that window, never lengthen it.
+    dials = min(len(routes), settings["lcr_max_trunks"]) if routes else 1
+    max_secs, max_cost = grant(sell, call, balance + credit_limit - reserved, settings, dials)
     if max_secs <= 0:
-        return Grant("refused", NOFUNDS, reason=f"account {call.account} to {call.number}",
-                     routes=routes), None
+        return Grant("refused", NOFUNDS, reason=f"account {call.account} to {call.number}"), None
+    if routes:
+        routes = order_routes(routes, sell, settings["lcr_allow_loss"], settings["lcr_max_trunks"],
+                              call.started, answer_window(settings, dials), max_secs,
+                              settings["decimals"], shortest_talk(settings))
+        if not routes:
+            return Grant("refused", NOROUTE, reason=f"no trunk carries {call.number} without"
+                                                    f" a loss"), None
+        call.trunk, call.dial = routes[0].trunk, routes[0].dial_string(call.number)
     call.max_secs = max_secs
     return Grant("authorized", OK, max_secs, routes=routes), max_cost
 
 
 def price(store, call, settings):
     """(sell Plan, routes) of the call -- its tariff's rates for the number
-    and the trunks to dial, as ``find_routes`` -- or a refusing Grant.
-    Sets the call's first Dial string."""
+    and the trunks that can carry it, as ``find_routes`` -- or a refusing
+    Grant.  Sets the call's Dial string when no trunk is defined; ``decide``
+    chooses among the trunks."""
     at, prefixes = timestamp(call.started), prefixes_of(call.number)
     found = store.read(lambda tx: tx.account_prices(call.account, prefixes, at))
     if found is None:
@@ -305,12 +315,10 @@ def price(store, call, settings):
     if not rows:
         return Grant("refused", NORATE, reason=f"account {call.account} to {call.number}")
     sell = plan(rows, tariff, settings)
-    routes = find_routes(store, prefixes, call.started, sell.rate_at(call.started), settings)
+    routes = find_routes(store, prefixes, call.started, settings)
     if routes == []:
         return Grant("refused", NOROUTE, reason=f"no trunk carries {call.number}")
-    if routes:
-        call.trunk, call.dial = routes[0].trunk, routes[0].dial_string(call.number)
-    else:
+    if routes is None:
         call.dial = dial_string(settings, tariff, call.number)
     return sell, routes
 
@@ -354,9 +362,11 @@ def clock(timezone, _clocks={}):
     return _clocks[timezone]
 
 
-def find_routes(store, prefixes, now, sell_rate, settings):
-    """The trunks to dial, cheapest now first; None when no trunk is defined
-    at all (the dial templates apply), [] when none can carry the number."""
+def find_routes(store, prefixes, now, settings):
+    """The enabled trunks with a rate for the number, each with its buy
+    Plan (``decide`` orders them and skips those at a loss); None when no
+    trunk is defined at all (the dial templates apply), [] when none can
+    carry the number."""
     trunks = store.read(lambda tx: tx.trunk_prices(prefixes, timestamp(now)))
     if not trunks:
         return None
@@ -365,7 +375,7 @@ def find_routes(store, prefixes, now, sell_rate, settings):
         if enabled and rows:
             buy = plan(rows, name, settings)
             usable.append(Route(name, dial, buy, buy.rate_at(now)))
-    return order_routes(usable, sell_rate, settings["lcr_allow_loss"], settings["lcr_max_trunks"])
+    return usable
 
 
 def settle_call(store, call, settings, policy=None):
@@ -506,6 +516,12 @@ def talk_secs(call, settings):
     if settings["billsec_rounding"] == "down":
         return call.talk_ms // 1000
     return -(-call.talk_ms // 1000)
+
+
+def shortest_talk(settings):
+    """The least talk time an answered call can be billed: a second, or
+    none at all when Asterisk's milliseconds are rounded down."""
+    return 0 if settings["billsec_rounding"] == "down" else 1
 
 
 def answered_at(call, billsec):

@@ -255,6 +255,15 @@ class Plan:
                 break
         return min(secs, cap)
 
+    def answer_moments(self, now, window, secs):
+        """Answers in [now, now + window], including ``now``, such that up
+        to ``secs`` of talk costs the same answered at any of them as at the
+        latest one before: all a search over answer times has to try.  A
+        flat week prices every answer alike."""
+        if self.flat is not None:
+            return {int(now)}
+        return self._moments(int(now), window, secs)
+
     def _moments(self, now, window, secs):
         """The answer moments in [now, now + window] at which the cost of up
         to ``secs`` of talk can change: ``now``, each change of rate in the
