@@ -10,7 +10,7 @@ from decimal import Decimal
 from fractions import Fraction
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from astbill.rating import Clock, Plan, Rate
 from astbill.rating.decks import RatesError, parse_rates
@@ -182,6 +182,31 @@ def test_trunks_are_tried_in_the_order_a_brute_force_sort_gives(prices, sell, al
     assert len({r.trunk for r in chosen}) == len(chosen)
 
 
+near = st.integers(900, 1100).map(lambda n: Decimal(n).scaleb(-4))   # about 0.10 a minute
+fees = st.sampled_from([0, 1, 5, 50, 100]).map(lambda n: Decimal(n).scaleb(-5))
+
+
+@settings(max_examples=300, deadline=None)
+@given(near, fees, structures, near, fees, structures, st.integers(1, 3600), st.integers(2, 6))
+# 0.00005 to connect, a shade under the sell rate: a loss only where the
+# sell cost is just a whole cent, first at 6 s.
+@example(Decimal("0.1"), Decimal(0), (1, 1), Decimal("0.0999"), Decimal("0.00005"), (1, 1), 60, 2)
+# The same rate, but the buy side's second block starts at 31 s, where the
+# sell side has billed only a sixth of its own more.
+@example(Decimal("0.1"), Decimal(0), (30, 6), Decimal("0.1"), Decimal(0), (0, 30), 3600, 4)
+def test_a_trunk_priced_close_to_the_sell_price_is_judged_over_the_whole_grant(
+        sell_rate, sell_fee, sell_blocks, buy_rate, buy_fee, buy_blocks, grant, places):
+    # Flat prices within a few percent of each other, fees below a rounding
+    # unit or two, grants up to an hour: every talk time tried, one by one.
+    sell = Rate("s", "49", "x", sell_rate, sell_fee, *sell_blocks)
+    buy = Rate("t", "49", "x", buy_rate, buy_fee, *buy_blocks)
+    at_a_loss = any(buy.cost(secs, True, places) > sell.cost(secs, True, places)
+                    for secs in range(1, grant + 1))
+    kept = order_routes([Route("t", "SIP/{number}", flat(buy), buy)], flat(sell), False, 1,
+                        MONDAY, 70, grant, places)
+    assert len(kept) == (not at_a_loss)
+
+
 def test_a_trunk_dearer_on_short_calls_is_at_a_loss_though_cheaper_per_minute():
     # Sold at 0.10/min on 1/1; bought at 0.09/min + 0.05 on 60/60: 10 s
     # costs 0.0167 and 0.1400, 61 s 0.1017 and 0.2300.
@@ -208,26 +233,27 @@ def sides(draw):
 
 @st.composite
 def loss_cases(draw):
-    """A sell week, up to three buy weeks, and an authorization that often
-    falls shortly before a change of period, so that the ring window and
-    the grant both cross it."""
+    """A sell week, one or two buy weeks, and an authorization shortly
+    before a change of period, so that the ring window or the call crosses
+    it: (sell rows, buy rows, now, window, grant)."""
     sell, buys = draw(sides()), draw(st.lists(sides(), min_size=1, max_size=2))
     starts = sorted({start for rows in [sell, *buys] for _, start, _, _ in rows})
     day = draw(st.integers(0, 6)) * 86400
     if draw(st.booleans()):   # the window crosses the change
         window = draw(st.integers(0, 30))
-        back = draw(st.integers(0, window))
-    else:                     # the call does
-        window, back = draw(st.integers(0, 6)), draw(st.integers(0, 200))
+        back, grant = draw(st.integers(0, window)), draw(st.integers(1, 90))
+    else:                     # the call does, perhaps long after its minimum
+        window, back = draw(st.integers(0, 2)), draw(st.integers(0, 400))
+        grant = draw(st.one_of(st.integers(1, 12), st.integers(back, back + 400)))
     now = MONDAY + day + max(draw(st.sampled_from(starts)) * 60 - back, 0)
-    return sell, buys, now, window
+    return sell, buys, now, window, max(grant, 1)
 
 
-@settings(max_examples=300, deadline=None)
-@given(loss_cases(), st.one_of(st.integers(1, 12), st.integers(1, 150)), st.sampled_from([1, 1, 0]))
+@settings(max_examples=600, deadline=None)
+@given(loss_cases(), st.sampled_from([1, 1, 0]))
 def test_a_trunk_is_skipped_iff_some_call_within_the_grant_costs_more_to_buy_than_to_sell(
-        case, grant, shortest):
-    sell_rows, buys, now, window = case
+        case, shortest):
+    sell_rows, buys, now, window, grant = case
     sell = Plan(sell_rows, Clock())
     routes = [Route(f"t{i}", "SIP/{number}", Plan(rows, Clock()), Plan(rows, Clock()).rate_at(now))
               for i, rows in enumerate(buys)]
@@ -256,3 +282,19 @@ def test_a_trunk_is_at_a_loss_if_the_call_may_be_answered_in_a_dearer_period():
     assert [r.trunk for r in order_routes(routes, sell, False, 3, seven_fifty_nine, 0, 60, 4)] == ["a"]
     assert order_routes(routes, sell, False, 3, seven_fifty_nine, 70, 60, 4) == []
     assert order_routes(routes, sell, False, 3, seven_fifty_nine, 0, 61, 4) == []  # into the day
+
+
+def test_a_trunk_is_at_a_loss_if_a_long_call_runs_into_a_dearer_period():
+    # Per second, 0.05 a minute until 08:00, 0.20 after; sold at 0.10.
+    # From 07:58:00, three minutes cost 0.10 + 0.20 to buy and 0.30 to
+    # sell; a second more, 0.3034 and 0.3017.
+    night = Rate("a", "49", "x", Decimal("0.05"), Decimal(0), 1, 1)
+    day = Rate("a", "49", "x", Decimal("0.20"), Decimal(0), 1, 1)
+    buy = Plan([(127, 0, 480, night), (127, 480, 1440, day)], Clock())
+    sell = flat(Rate("s", "49", "x", Decimal("0.10"), Decimal(0), 1, 1))
+    seven_fifty_eight = MONDAY + 7 * 3600 + 58 * 60
+    assert (buy.cost(seven_fifty_eight, 181, True, 4), sell.cost(seven_fifty_eight, 181, True, 4)) == (
+        Decimal("0.3034"), Decimal("0.3017"))
+    routes = [Route("a", "SIP/a/{number}", buy, night)]
+    assert len(order_routes(routes, sell, False, 3, seven_fifty_eight, 0, 180, 4)) == 1
+    assert order_routes(routes, sell, False, 3, seven_fifty_eight, 0, 181, 4) == []

@@ -197,6 +197,21 @@ class Plan:
             return D(0)
         return _amount(self._micro_cost(int(answered_at), billsec), places)
 
+    def exact_cost(self, answered_at, billsec):
+        """The cost of an answered call before it is rounded, as an integer
+        count of 1/60 millionths (``cost`` rounds it up)."""
+        return self._micro_cost(int(answered_at), billsec)
+
+    def changes(self, after, until):
+        """The instants in (after, until] at which the rate may change."""
+        if self.flat is not None:
+            return []
+        found, at = [], self.next_change(after)
+        while at <= until:
+            found.append(at)
+            at = self.next_change(at)
+        return found
+
     def _micro_cost(self, answered_at, billsec):
         """60 x millionths x the exact cost (an integer: no rounding inside)."""
         first = self.rate_at(answered_at)
