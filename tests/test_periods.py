@@ -15,7 +15,7 @@ from hypothesis import example, given, settings, strategies as st
 from astbill.rating import Clock, Plan, Rate
 from astbill.rating.decks import RatesError, parse_rates
 from astbill.rating.periods import coverage_problems, format_days, parse_days
-from astbill.rating.routes import Route, order_routes
+from astbill.rating.routes import Route, order_routes, usable_routes
 
 MONDAY = 1_795_996_800   # 2026-11-30 00:00:00 UTC, a Monday
 
@@ -154,6 +154,14 @@ def flat(rate):
     return Plan([(127, 0, 1440, rate)], Clock())
 
 
+def dialled(routes, sell, allow_loss, most, now, window, grant, places=4, shortest=1, cap=3600):
+    """The trunks a call granted ``grant`` seconds would dial: ordered and
+    judged before the grant is known (up to ``cap``), then chosen by it."""
+    ordered = order_routes(routes, sell, allow_loss, most, now, window, max(cap, grant), places,
+                           shortest)
+    return usable_routes(ordered, grant, most)
+
+
 trunk_sets = st.lists(st.tuples(st.integers(0, 5), st.integers(0, 3), structures),
                       min_size=0, max_size=6)
 
@@ -166,7 +174,7 @@ def test_trunks_are_tried_in_the_order_a_brute_force_sort_gives(prices, sell, al
              for r, f, structure in prices]
     routes = [Route(f"t{i}", "SIP/{number}", flat(rate), rate) for i, rate in enumerate(rates)]
     sell_rate = Rate("s", "49", "x", Decimal(sell).scaleb(-2), Decimal(0), 1, 1)
-    chosen = order_routes(routes, flat(sell_rate), allow_loss, most, MONDAY, 70, grant, 4)
+    chosen = dialled(routes, flat(sell_rate), allow_loss, most, MONDAY, 70, grant)
 
     def at_a_loss(route):  # any talk time up to the grant, by the Rate's own terms
         return any(route.rate.cost(secs, True, 4) > sell_rate.cost(secs, True, 4)
@@ -202,8 +210,8 @@ def test_a_trunk_priced_close_to_the_sell_price_is_judged_over_the_whole_grant(
     buy = Rate("t", "49", "x", buy_rate, buy_fee, *buy_blocks)
     at_a_loss = any(buy.cost(secs, True, places) > sell.cost(secs, True, places)
                     for secs in range(1, grant + 1))
-    kept = order_routes([Route("t", "SIP/{number}", flat(buy), buy)], flat(sell), False, 1,
-                        MONDAY, 70, grant, places)
+    kept = dialled([Route("t", "SIP/{number}", flat(buy), buy)], flat(sell), False, 1,
+                   MONDAY, 70, grant, places)
     assert len(kept) == (not at_a_loss)
 
 
@@ -219,8 +227,8 @@ def test_a_trunk_dearer_on_short_calls_is_at_a_loss_though_cheaper_per_minute():
         Decimal("0.1017"), Decimal("0.2300"))
     routes = [Route("a", "SIP/a/{number}", flat(dear), dear),
               Route("b", "SIP/b/{number}", flat(fair), fair)]
-    assert [r.trunk for r in order_routes(routes, sell, False, 3, MONDAY, 70, 3600, 4)] == ["b"]
-    assert [r.trunk for r in order_routes(routes, sell, True, 3, MONDAY, 70, 3600, 4)] == ["a", "b"]
+    assert [r.trunk for r in dialled(routes, sell, False, 3, MONDAY, 70, 3600, 4)] == ["b"]
+    assert [r.trunk for r in dialled(routes, sell, True, 3, MONDAY, 70, 3600, 4)] == ["a", "b"]
 
 
 @st.composite
@@ -250,23 +258,28 @@ def loss_cases(draw):
 
 
 @settings(max_examples=600, deadline=None)
-@given(loss_cases(), st.sampled_from([1, 1, 0]))
+@given(loss_cases(), st.sampled_from([1, 1, 0]), st.integers(0, 40))
 def test_a_trunk_is_skipped_iff_some_call_within_the_grant_costs_more_to_buy_than_to_sell(
-        case, shortest):
+        case, shortest, extra):
     sell_rows, buys, now, window, grant = case
+    cap = grant + extra
     sell = Plan(sell_rows, Clock())
     routes = [Route(f"t{i}", "SIP/{number}", Plan(rows, Clock()), Plan(rows, Clock()).rate_at(now))
               for i, rows in enumerate(buys)]
 
-    def at_a_loss(route):
-        # Every answer in the window, every talk time up to the grant, one by
+    def first_loss(route):
+        # Every talk time up to the cap, every answer in the window, one by
         # one (Plan.cost is checked against the block-by-block reference above).
-        return any(route.plan.cost(t, secs, True, 4) > sell.cost(t, secs, True, 4)
-                   for t in range(now, now + window + 1) for secs in range(shortest, grant + 1))
+        return next((secs for secs in range(shortest, cap + 1)
+                     if any(route.plan.cost(t, secs, True, 4) > sell.cost(t, secs, True, 4)
+                            for t in range(now, now + window + 1))), None)
 
-    kept = order_routes(routes, sell, False, 3, now, window, grant, 4, shortest)
-    assert {r.trunk for r in kept} == {r.trunk for r in routes if not at_a_loss(r)}
-    assert len(order_routes(routes, sell, True, 3, now, window, grant, 4, shortest)) == len(routes)
+    losses = {r.trunk: first_loss(r) for r in routes}
+    ordered = order_routes(routes, sell, False, 3, now, window, cap, 4, shortest)
+    assert {r.trunk: r.loss for r in ordered} == losses
+    kept = usable_routes(ordered, grant, 3)
+    assert {r.trunk for r in kept} == {t for t, loss in losses.items() if loss is None or loss > grant}
+    assert len(dialled(routes, sell, True, 3, now, window, grant, 4, shortest)) == len(routes)
 
 
 def test_a_trunk_is_at_a_loss_if_the_call_may_be_answered_in_a_dearer_period():
@@ -279,9 +292,9 @@ def test_a_trunk_is_at_a_loss_if_the_call_may_be_answered_in_a_dearer_period():
     sell = flat(Rate("s", "49", "x", Decimal("0.10"), Decimal(0), 60, 60))
     routes = [Route("a", "SIP/a/{number}", buy, night)]
     seven_fifty_nine = MONDAY + 7 * 3600 + 59 * 60
-    assert [r.trunk for r in order_routes(routes, sell, False, 3, seven_fifty_nine, 0, 60, 4)] == ["a"]
-    assert order_routes(routes, sell, False, 3, seven_fifty_nine, 70, 60, 4) == []
-    assert order_routes(routes, sell, False, 3, seven_fifty_nine, 0, 61, 4) == []  # into the day
+    assert [r.trunk for r in dialled(routes, sell, False, 3, seven_fifty_nine, 0, 60, 4)] == ["a"]
+    assert dialled(routes, sell, False, 3, seven_fifty_nine, 70, 60, 4) == []
+    assert dialled(routes, sell, False, 3, seven_fifty_nine, 0, 61, 4) == []  # into the day
 
 
 def test_a_trunk_is_at_a_loss_if_a_long_call_runs_into_a_dearer_period():
@@ -296,5 +309,5 @@ def test_a_trunk_is_at_a_loss_if_a_long_call_runs_into_a_dearer_period():
     assert (buy.cost(seven_fifty_eight, 181, True, 4), sell.cost(seven_fifty_eight, 181, True, 4)) == (
         Decimal("0.3034"), Decimal("0.3017"))
     routes = [Route("a", "SIP/a/{number}", buy, night)]
-    assert len(order_routes(routes, sell, False, 3, seven_fifty_eight, 0, 180, 4)) == 1
-    assert order_routes(routes, sell, False, 3, seven_fifty_eight, 0, 181, 4) == []
+    assert len(dialled(routes, sell, False, 3, seven_fifty_eight, 0, 180, 4)) == 1
+    assert dialled(routes, sell, False, 3, seven_fifty_eight, 0, 181, 4) == []

@@ -18,7 +18,7 @@ import time
 from .config import dial_string
 from .money import D
 from .rating import Clock, Plan, Rate, prefixes_of
-from .rating.routes import Route, order_routes
+from .rating.routes import Route, order_routes, usable_routes
 from .store import Busy, Conflict, StoreError, open_store
 
 OK, NOFUNDS, NORATE, NOROUTE, MAXCALLS, NOACCOUNT, INVALID, ERROR = (
@@ -284,16 +284,12 @@ def decide(call, sell, routes, account, settings):
     if max_calls and calls >= max_calls:
         return Grant("refused", MAXCALLS, reason=f"account {call.account} has {calls} calls"
                                                  f" in progress, its cap"), None
-    # The grant covers an answer while any trunk that may be tried rings:
-    # the trunks skipped below only shorten that window, never lengthen it.
-    dials = min(len(routes), settings["lcr_max_trunks"]) if routes else 1
-    max_secs, max_cost = grant(sell, call, balance + credit_limit - reserved, settings, dials)
+    max_secs, max_cost = grant(sell, call, balance + credit_limit - reserved, settings,
+                               dials(routes, settings))
     if max_secs <= 0:
         return Grant("refused", NOFUNDS, reason=f"account {call.account} to {call.number}"), None
     if routes:
-        routes = order_routes(routes, sell, settings["lcr_allow_loss"], settings["lcr_max_trunks"],
-                              call.started, answer_window(settings, dials), max_secs,
-                              settings["decimals"], shortest_talk(settings))
+        routes = usable_routes(routes, max_secs, settings["lcr_max_trunks"])
         if not routes:
             return Grant("refused", NOROUTE, reason=f"no trunk carries {call.number} without"
                                                     f" a loss"), None
@@ -304,9 +300,10 @@ def decide(call, sell, routes, account, settings):
 
 def price(store, call, settings):
     """(sell Plan, routes) of the call -- its tariff's rates for the number
-    and the trunks that can carry it, as ``find_routes`` -- or a refusing
-    Grant.  Sets the call's Dial string when no trunk is defined; ``decide``
-    chooses among the trunks."""
+    and the trunks that can carry it, as ``order_routes`` gives them, or
+    None (no trunk is defined) -- or a refusing Grant.  Sets the call's Dial
+    string when no trunk is defined; ``decide`` chooses among the trunks
+    once the grant is known.  This is done before the account is locked."""
     at, prefixes = timestamp(call.started), prefixes_of(call.number)
     found = store.read(lambda tx: tx.account_prices(call.account, prefixes, at))
     if found is None:
@@ -320,6 +317,13 @@ def price(store, call, settings):
         return Grant("refused", NOROUTE, reason=f"no trunk carries {call.number}")
     if routes is None:
         call.dial = dial_string(settings, tariff, call.number)
+    else:
+        # Judged up to the longest grant, for an answer while any trunk
+        # that may be tried rings: the grant's own window (``dials``).
+        routes = order_routes(routes, sell, settings["lcr_allow_loss"], settings["lcr_max_trunks"],
+                              call.started, answer_window(settings, dials(routes, settings)),
+                              settings["max_call_secs"], settings["decimals"],
+                              shortest_talk(settings))
     return sell, routes
 
 
@@ -327,6 +331,13 @@ def grant(sell, call, available, settings, dials=1):
     """(max_secs, max_cost) for ``available`` money: see Plan.grant."""
     return sell.grant(call.started, answer_window(settings, dials), available,
                       settings["max_call_secs"], settings["decimals"])
+
+
+def dials(routes, settings):
+    """How many Dials a call may make: one per trunk that may be tried, at
+    most lcr_max_trunks (the same before and after ``order_routes``, which
+    leaves out only trunks after that many)."""
+    return min(len(routes), settings["lcr_max_trunks"]) if routes else 1
 
 
 def answer_window(settings, dials):
@@ -364,9 +375,8 @@ def clock(timezone, _clocks={}):
 
 def find_routes(store, prefixes, now, settings):
     """The enabled trunks with a rate for the number, each with its buy
-    Plan (``decide`` orders them and skips those at a loss); None when no
-    trunk is defined at all (the dial templates apply), [] when none can
-    carry the number."""
+    Plan; None when no trunk is defined at all (the dial templates apply),
+    [] when none can carry the number."""
     trunks = store.read(lambda tx: tx.trunk_prices(prefixes, timestamp(now)))
     if not trunks:
         return None
