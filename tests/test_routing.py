@@ -25,13 +25,17 @@ BUY = {"carrier-a": "49,Germany,0.0300,0,60,60\n4915,Germany mobile,0.0500,0,1,1
        "carrier-d": "49,Germany,0.0700,0,1,1\n"}
 
 
+def add_trunk(billing, name, rates):
+    billing.admin_ok("trunk", "add", name, "--dial", f"SIP/{name}/{{number}}")
+    path = billing.path / f"{name}.csv"
+    path.write_text(HEADER + rates)
+    billing.admin_ok("rate", "import", str(path), "--trunk", name)
+
+
 @pytest.fixture
 def trunks(tariff):
     for name, rates in BUY.items():
-        tariff.admin_ok("trunk", "add", name, "--dial", f"SIP/{name}/{{number}}")
-        path = tariff.path / f"{name}.csv"
-        path.write_text(HEADER + rates)
-        tariff.admin_ok("rate", "import", str(path), "--trunk", name)
+        add_trunk(tariff, name, rates)
     return tariff
 
 
@@ -168,11 +172,47 @@ def test_only_unavailable_or_congested_trunks_fail_over_and_none_twice(trunks, e
 def test_no_trunk_can_carry_the_number_is_noroute(trunks):
     trunks.admin_ok("trunk", "disable", "carrier-a")
     # Only carrier-a has 4915; carrier-c and -b still carry the number by 49.
+    # carrier-c, cheapest per minute, charges 0.0125 for a second (its 0.01
+    # connect fee and a 6 s block) that callers pay 0.0020 for (0.12 a
+    # minute on 1/1): at a loss, so carrier-b carries the call.
     result = place_call(trunks, Scenario(answered_ms=1000), number="4915123456")
-    assert dialled(result) == ["SIP/carrier-c/4915123456"]
+    assert dialled(result) == ["SIP/carrier-b/4915123456"]
     result = place_call(trunks, Scenario(answered_ms=1000), number="1555123")
     assert (result.variables_set["ASTBILL_STATUS"], result.dial_args) == ("NOROUTE", None)
     assert result.verbose == ["astbill: NOROUTE no trunk carries 1555123"]
+
+
+def test_a_trunk_cheaper_per_minute_but_dearer_on_short_calls_is_not_dialled(tariff):
+    # Sold at 0.10 a minute on 1/1.  fee-a buys at 0.09 a minute with 0.05
+    # to connect on 60/60: a 10 s call costs 0.0167 and 0.1400 to buy.
+    # fair-b is dearer a minute, 0.095 on 1/1, and never dearer than a sale.
+    tariff.setup_rates(HEADER + "44,UK,0.1000,0,1,1\n", tariff="retail")
+    tariff.admin_ok("account", "add", "2001", "--balance", "10", "--tariff", "retail")
+    add_trunk(tariff, "fee-a", "44,UK,0.0900,0.0500,60,60\n")
+
+    def route():
+        out = json.loads(tariff.admin_ok("route", "441234567", "--account", "2001", "--json"))
+        return out["status"], [t["name"] for t in out["trunks"]]
+
+    def call():
+        result = place_call(tariff, Scenario(answered_ms=10_000), number="441234567",
+                            account="2001")
+        return (result.variables_set["ASTBILL_STATUS"], dialled(result),
+                result.variables_set.get("ASTBILL_COST"), tariff.cdr(result.uniqueid)["buy_cost"])
+
+    assert route() == ("NOROUTE", [])
+    result = place_call(tariff, Scenario(answered_ms=10_000), number="441234567", account="2001")
+    assert (result.variables_set["ASTBILL_STATUS"], result.dial_args) == ("NOROUTE", None)
+    assert result.verbose == ["astbill: NOROUTE no trunk carries 441234567 without a loss"]
+
+    add_trunk(tariff, "fair-b", "44,UK,0.0950,0,1,1\n")
+    assert route() == ("OK", ["fair-b"])
+    assert call() == ("OK", ["SIP/fair-b/441234567"], "0.0167", Decimal("0.0159"))
+
+    tariff.write_config(lcr_allow_loss=True)
+    assert route() == ("OK", ["fee-a", "fair-b"])
+    assert call() == ("OK", ["SIP/fee-a/441234567"], "0.0167", Decimal("0.14"))
+    invariants(tariff, {"2001": Decimal("10")})
 
 
 # -- rate periods -------------------------------------------------------------------------

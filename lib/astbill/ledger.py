@@ -18,7 +18,7 @@ import time
 from .config import dial_string
 from .money import D
 from .rating import Clock, Plan, Rate, prefixes_of
-from .rating.routes import Route, order_routes
+from .rating.routes import Route, order_routes, usable_routes
 from .store import Busy, Conflict, StoreError, open_store
 
 OK, NOFUNDS, NORATE, NOROUTE, MAXCALLS, NOACCOUNT, INVALID, ERROR = (
@@ -293,7 +293,7 @@ def reserve(store, call, settings):
             tx.add_reservation(call.uniqueid, call.account, max_cost, call.max_secs)
             tx.open_cdr(dict(call.cdr(), **rate_columns(sell.rate_at(call.started)),
                              deck=deck, trunk_deck=call.trunk_deck or None,
-                             route_decks=route_decks(routes), state="active"))
+                             route_decks=route_decks(answer.routes), state="active"))
         return answer
 
     answer = store.atomic(work)
@@ -312,19 +312,27 @@ def decide(call, sell, routes, account, settings):
         return Grant("refused", MAXCALLS, reason=f"account {call.account} has {calls} calls"
                                                  f" in progress, its cap"), None
     max_secs, max_cost = grant(sell, call, balance + credit_limit - reserved, settings,
-                               len(routes or ()))
+                               dials(routes, settings))
     if max_secs <= 0:
-        return Grant("refused", NOFUNDS, reason=f"account {call.account} to {call.number}",
-                     routes=routes), None
+        return Grant("refused", NOFUNDS, reason=f"account {call.account} to {call.number}"), None
+    if routes:
+        routes = usable_routes(routes, max_secs, settings["lcr_max_trunks"])
+        if not routes:
+            return Grant("refused", NOROUTE, reason=f"no trunk carries {call.number} without"
+                                                    f" a loss"), None
+        call.trunk, call.dial = routes[0].trunk, routes[0].dial_string(call.number)
+        call.trunk_deck = routes[0].deck
     call.max_secs = max_secs
     return Grant("authorized", OK, max_secs, routes=routes), max_cost
 
 
 def price(store, call, settings):
     """(sell Plan, routes, sell deck id) of the call -- its tariff's rates
-    for the number, the trunks to dial, as ``find_routes``, and the deck the
-    rates come from -- or a refusing Grant.  Sets the call's first Dial
-    string (and trunk, and that trunk's deck)."""
+    for the number, the trunks that can carry it, as ``order_routes`` gives
+    them, or None (no trunk is defined), and the deck the rates come from --
+    or a refusing Grant.  Sets the call's Dial string when no trunk is
+    defined; ``decide`` chooses among the trunks once the grant is known.
+    This is done before the account is locked."""
     at, prefixes = timestamp(call.started), prefixes_of(call.number)
     found = store.read(lambda tx: tx.account_prices(call.account, prefixes, at))
     if found is None:
@@ -333,14 +341,18 @@ def price(store, call, settings):
     if not rows:
         return Grant("refused", NORATE, reason=f"account {call.account} to {call.number}")
     sell = plan(rows, tariff, settings)
-    routes = find_routes(store, prefixes, call.started, sell.rate_at(call.started), settings)
+    routes = find_routes(store, prefixes, call.started, settings)
     if routes == []:
         return Grant("refused", NOROUTE, reason=f"no trunk carries {call.number}")
-    if routes:
-        call.trunk, call.dial = routes[0].trunk, routes[0].dial_string(call.number)
-        call.trunk_deck = routes[0].deck
-    else:
+    if routes is None:
         call.dial = dial_string(settings, tariff, call.number)
+    else:
+        # Judged up to the longest grant, for an answer while any trunk
+        # that may be tried rings: the grant's own window (``dials``).
+        routes = order_routes(routes, sell, settings["lcr_allow_loss"], settings["lcr_max_trunks"],
+                              call.started, answer_window(settings, dials(routes, settings)),
+                              settings["max_call_secs"], settings["decimals"],
+                              shortest_talk(settings))
     return sell, routes, deck
 
 
@@ -348,6 +360,13 @@ def grant(sell, call, available, settings, dials=1):
     """(max_secs, max_cost) for ``available`` money: see Plan.grant."""
     return sell.grant(call.started, answer_window(settings, dials), available,
                       settings["max_call_secs"], settings["decimals"])
+
+
+def dials(routes, settings):
+    """How many Dials a call may make: one per trunk that may be tried, at
+    most lcr_max_trunks (the same before and after ``order_routes``, which
+    leaves out only trunks after that many)."""
+    return min(len(routes), settings["lcr_max_trunks"]) if routes else 1
 
 
 def answer_window(settings, dials):
@@ -383,9 +402,10 @@ def clock(timezone, _clocks={}):
     return _clocks[timezone]
 
 
-def find_routes(store, prefixes, now, sell_rate, settings):
-    """The trunks to dial, cheapest now first; None when no trunk is defined
-    at all (the dial templates apply), [] when none can carry the number."""
+def find_routes(store, prefixes, now, settings):
+    """The enabled trunks with a rate for the number, each with its buy
+    Plan; None when no trunk is defined at all (the dial templates apply),
+    [] when none can carry the number."""
     trunks = store.read(lambda tx: tx.trunk_prices(prefixes, timestamp(now)))
     if not trunks:
         return None
@@ -394,7 +414,7 @@ def find_routes(store, prefixes, now, sell_rate, settings):
         if enabled and rows:
             buy = plan(rows, name, settings)
             usable.append(Route(name, dial, buy, buy.rate_at(now), deck))
-    return order_routes(usable, sell_rate, settings["lcr_allow_loss"], settings["lcr_max_trunks"])
+    return usable
 
 
 def settle_call(store, call, settings, policy=None):
@@ -559,6 +579,12 @@ def talk_secs(call, settings):
     if settings["billsec_rounding"] == "down":
         return call.talk_ms // 1000
     return -(-call.talk_ms // 1000)
+
+
+def shortest_talk(settings):
+    """The least talk time an answered call can be billed: a second, or
+    none at all when Asterisk's milliseconds are rounded down."""
+    return 0 if settings["billsec_rounding"] == "down" else 1
 
 
 def answered_at(call, billsec):

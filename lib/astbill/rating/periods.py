@@ -197,6 +197,21 @@ class Plan:
             return D(0)
         return _amount(self._micro_cost(int(answered_at), billsec), places)
 
+    def exact_cost(self, answered_at, billsec):
+        """The cost of an answered call before it is rounded, as an integer
+        count of 1/60 millionths (``cost`` rounds it up)."""
+        return self._micro_cost(int(answered_at), billsec)
+
+    def changes(self, after, until):
+        """The instants in (after, until] at which the rate may change."""
+        if self.flat is not None:
+            return []
+        found, at = [], self.next_change(after)
+        while at <= until:
+            found.append(at)
+            at = self.next_change(at)
+        return found
+
     def _micro_cost(self, answered_at, billsec):
         """60 x millionths x the exact cost (an integer: no rounding inside)."""
         first = self.rate_at(answered_at)
@@ -254,6 +269,15 @@ class Plan:
             if blocks < in_period:
                 break
         return min(secs, cap)
+
+    def answer_moments(self, now, window, secs):
+        """Answers in [now, now + window], including ``now``, such that up
+        to ``secs`` of talk costs the same answered at any of them as at the
+        latest one before: all a search over answer times has to try.  A
+        flat week prices every answer alike."""
+        if self.flat is not None:
+            return {int(now)}
+        return self._moments(int(now), window, secs)
 
     def _moments(self, now, window, secs):
         """The answer moments in [now, now + window] at which the cost of up
