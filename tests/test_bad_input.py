@@ -4,6 +4,7 @@ import io
 import itertools
 import json
 import os
+from decimal import Decimal
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -193,3 +194,13 @@ def test_a_missing_dialstatus_is_answered_only_by_dials_own_time(tariff, after_d
     status, lines = run_in_process(tariff, env_bytes() + b"".join(replies))
     assert status == 0
     assert lines[-2] == f'SET VARIABLE ASTBILL_COST "{cost}"'.encode()
+
+
+def test_a_caller_id_name_that_is_not_utf8_is_billed_as_any_call(tariff):
+    # Asterisk passes the caller's bytes through: Latin-1 from ISDN or an old PBX.
+    stdin = env_bytes(agi_calleridname="NAME").replace(b"NAME", b"M\xfcller")
+    status, lines = run_in_process(tariff, stdin + b"".join(CALL_REPLIES))
+    assert status == 0 and any(line.startswith(b"EXEC Dial ") for line in lines), lines
+    assert tariff.balance("1001") == Decimal("9.88")
+    (clid,), = tariff.query("SELECT clid FROM astcdr")
+    assert clid == '"M\ufffdller" <4930111222>'

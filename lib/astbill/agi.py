@@ -98,10 +98,9 @@ class Channel:
             raise Hangup("AGI pipe closed")
         if len(raw) > MAX_LINE or not raw.endswith(b"\n"):
             raise AGIError("AGI line too long or cut short")
-        try:
-            return raw.decode("utf-8").rstrip("\r\n")
-        except UnicodeDecodeError:
-            raise AGIError("AGI line is not UTF-8") from None
+        # Asterisk passes a caller ID name through as the caller's bytes
+        # (Latin-1 from ISDN or an old PBX): never a reason to refuse a call.
+        return raw.decode("utf-8", "replace").rstrip("\r\n")
 
     def read_env(self):
         """Read the ``agi_*`` block Asterisk sends first, up to its blank
