@@ -5,6 +5,7 @@ import os
 import stat
 import sys
 import threading
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -111,8 +112,9 @@ def test_a_repeated_uniqueid_during_an_outage_is_refused_and_nothing_is_overwrit
     again = place_call(tariff, Scenario(answered_ms=5_000), agi_uniqueid=first.uniqueid)
     assert again.variables_set["ASTBILL_STATUS"] == "ERROR" and again.dial_args is None
     assert again.verbose == [f"astbill: ERROR call {first.uniqueid} was let through already"]
-    record = json.loads((tariff.spool / f"{first.uniqueid}.call").read_text())
-    assert record["talk_ms"] == 61_000
+    claim = json.loads((tariff.spool / f"{first.uniqueid}.call").read_text())
+    end = json.loads((tariff.spool / f"{first.uniqueid}~1.call").read_text())
+    assert (claim["ended"], end["talk_ms"]) == (0, 61_000)   # its end beside its claim
     tariff.write_config(database=good)
     assert tariff.admin_process("sweep").returncode == 0
     assert tariff.cdr(first.uniqueid)["cost"] == Decimal("0.12")
@@ -330,7 +332,7 @@ def test_a_let_through_call_whose_uniqueid_another_box_used_is_set_aside_and_nam
     other.backend = tariff.backend
     place_call(other, Scenario(answered_ms=5_000), agi_uniqueid=first.uniqueid)
     tariff.sweep()
-    assert (tariff.spool / f"{first.uniqueid}.call.bad").exists()
+    assert (tariff.spool / f"{first.uniqueid}~1.call.bad").exists()
     status, out, _ = tariff.admin("audit")
     assert status == 1 and (f"call {first.uniqueid}: spooled record set aside as unusable"
                             in out) and "another call by that uniqueid" in out
@@ -550,3 +552,73 @@ def test_calls_let_through_an_outage_are_capped_per_account_on_each_box(tariff):
     tariff.sweep()
     assert tariff.balance("1001") == Decimal("9.64")          # three calls of 61 s
     assert tariff.balance("2002") == Decimal("9.88")
+
+
+def test_a_let_through_calls_end_spooled_while_the_replay_settles_its_claim_is_not_lost(
+        tariff, monkeypatch):
+    # The replay bills an overdue-looking claim by policy; that very moment
+    # the live call ends and its settlement, failing, is spooled.  The end
+    # must not land on the claim's file, which the replay then removes.
+    good = tariff.settings["database"]
+    tariff.write_config(database=unreachable(tariff), on_db_error="allow", db_error_allow_secs=120)
+    killed = place_call(tariff, Scenario(kill_after_dial_sent=True))
+    tariff.write_config(database=good)
+    settings = load(str(tariff.config))
+    claim = ledger.CallRecord.from_dict(json.loads(
+        (tariff.spool / f"{killed.uniqueid}.call").read_text()))
+    bill_late = ledger.bill_late
+
+    def ending_meanwhile(store, call, settings_, policy=None):
+        if policy is not None:
+            claim.end("ANSWER", 61_000)
+            recovery.spool(settings, claim, StoreError("the database is busy"))
+        return bill_late(store, call, settings_, policy)
+
+    monkeypatch.setattr(ledger, "bill_late", ending_meanwhile)
+    monkeypatch.setattr(recovery, "overdue_claim", lambda call, settings: True)
+    tariff.sweep()
+    assert tariff.cdr(killed.uniqueid)["state"] == "released"
+    assert [p.name for p in tariff.spool.glob("*.call")] == [f"{killed.uniqueid}~1.call"]
+    monkeypatch.undo()
+    tariff.sweep()                                   # the real end corrects the release
+    cdr = tariff.cdr(killed.uniqueid)
+    assert (cdr["state"], cdr["billsec"], cdr["cost"]) == ("settled", 61, Decimal("0.12"))
+    invariants(tariff, D10)
+
+
+def test_two_replayers_correct_a_call_once(tariff, monkeypatch):
+    if tariff.backend == "sqlite":
+        pytest.skip("SQLite runs one writing transaction at a time")
+    killed = place_call(tariff, Scenario(kill_after_dial_sent=True))
+    tariff.backdate(7200)
+    assert [d["action"] for d in tariff.sweep()] == ["released"]
+    settings = load(str(tariff.config))
+    # Both replayers have read the call as released before either corrects it.
+    both_read = threading.Barrier(2, timeout=10)
+    real_charge = ledger.real_charge
+
+    def after_both_read(*args):
+        both_read.wait()
+        return real_charge(*args)
+
+    monkeypatch.setattr(ledger, "real_charge", after_both_read)
+    results = []
+
+    def replayer():
+        call = ledger.CallRecord(uniqueid=killed.uniqueid, started=int(time.time()) - 61)
+        call.end("ANSWER", 61_000)
+        store = tariff.store()
+        try:
+            results.append(ledger.settle_call(store, call, settings).how)
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=replayer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(results) == ["repeated", "settled"]
+    assert tariff.query("SELECT COUNT(*) FROM astledger WHERE kind = 'correction'") == [(1,)]
+    assert tariff.balance("1001") == Decimal("9.88")
+    invariants(tariff, D10)

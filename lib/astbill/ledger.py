@@ -485,11 +485,15 @@ def correct(tx, call, terms, settings):
     charge (or refund) the difference to its real cost, with its own ledger
     row, so the audit's sums hold and a balance driven below its limit shows."""
     billsec, cost = real_charge(tx, call, terms, settings)
+    # The CDR first: its update waits for a correction another replayer
+    # makes meanwhile, and then finds the call settled: one correction only.
+    if not complete(tx, call, terms["account"], billsec, cost, "settled", None, correcting=True,
+                    buy_cost=buy_cost(tx, call, terms, billsec, settings)):
+        cost, billsec = tx.final_charge(call.uniqueid)
+        return Settlement("repeated", cost, billsec)
     if cost != terms["cost"]:
         tx.change_balance(terms["account"], terms["cost"] - cost, "correction", call.uniqueid,
                           timestamp(call.ended))
-    complete(tx, call, terms["account"], billsec, cost, "settled", None, correcting=True,
-             buy_cost=buy_cost(tx, call, terms, billsec, settings))
     return Settlement("settled", cost, billsec, reason=f"corrected after the sweep had"
                                                       f" {terms['state']} it")
 
@@ -603,7 +607,8 @@ def charge_for(sell, call, max_secs, settings):
 def complete(tx, call, account, billsec, cost, state, kind, release=None, buy_cost=None,
              correcting=False):
     """Charge the account (with its ledger row), release the call's
-    reservation from it, and complete the CDR.
+    reservation from it, and complete the CDR; whether the CDR was still
+    open to it (active, or when ``correcting``, settled by policy).
 
     The billed talk time is Asterisk's own count; the box's wall clock,
     which gives start and end, can step back during a call (or, under a
@@ -623,7 +628,7 @@ def complete(tx, call, account, billsec, cost, state, kind, release=None, buy_co
         fields.update(trunk=call.trunk, lastdata=call.dial[:255])
         if call.trunk_deck:
             fields.update(trunk_deck=call.trunk_deck)
-    tx.close_cdr(call.uniqueid, fields, again=correcting)
+    return tx.close_cdr(call.uniqueid, fields, again=correcting)
 
 
 def note_lock_wait(call, seconds):

@@ -4,7 +4,8 @@ The spool holds calls the database could not take: one file per call
 (``UNIQUEID.call``, a CallRecord in JSON), written whole and fsync'd before
 it is linked into place, so a record is complete or absent, and never
 written over another call's.  A call let through a database outage is
-claimed there before it is dialled, and its record completed when it ends.
+claimed there before it is dialled; its end, when the database cannot
+take it, is a record beside the claim.
 When the spool directory cannot be written, the fallback spool (by default
 /run/astbill: memory, another filesystem, made at boot for AstBill's user)
 takes the record; when neither can, Asterisk's log gets the whole record.
@@ -129,7 +130,7 @@ def claim(settings, call):
             raise FileExistsError(call.uniqueid)
         if let_through_up(settings, call.account) >= settings["db_error_max_calls"]:
             raise TooManyCalls(call.account)
-        write(directory, call, exclusive=True)
+        write(directory, call)
     finally:
         os.close(fd)
 
@@ -139,15 +140,18 @@ def let_through_up(settings, account):
     up on this box: their claims, not yet ended nor overdue."""
     up = 0
     for paths in records(settings).values():
+        calls = []
         for path in paths:
             if path.endswith(BAD):
                 continue
             try:
-                call = read(path)
+                calls.append(read(path))
             except (OSError, ValueError):
                 continue
-            up += (call.late and not call.ended and call.account == account
-                   and not overdue_claim(call, settings))
+        if any(c.ended for c in calls):
+            continue  # its end is spooled beside its claim
+        up += any(c.late and c.account == account and not overdue_claim(c, settings)
+                  for c in calls)
     return up
 
 
@@ -158,10 +162,10 @@ def spool(settings, call, failure):
     problems = []
     for directory in spool_dirs(settings):
         try:
-            # A late call's own claim is completed in place; anything else
-            # is a new file, never written over another.
-            path = write(ensure_dir(directory), call, exclusive=not (
-                call.late and spooled(directory, call.uniqueid)))
+            # Always a new file, never written over another -- not even over
+            # the call's own claim, which a replay may be settling by policy
+            # this moment (and would then remove, with the call's real end).
+            path = write(ensure_dir(directory), call)
         except OSError as exc:
             problems.append(f"{directory}: {exc.strerror or exc}")
             continue
@@ -171,8 +175,9 @@ def spool(settings, call, failure):
                                            f" {json.dumps(call.as_dict(), sort_keys=True)}")
 
 
-def write(directory, call, exclusive):
-    """Write ``call``'s record durably; the path it took."""
+def write(directory, call):
+    """Write ``call``'s record durably, never over another record; the path
+    it took."""
     import json
     final = os.path.join(directory, call.uniqueid + SUFFIX)
     tmp = f"{final}.{os.getpid()}.tmp"
@@ -184,24 +189,21 @@ def write(directory, call, exclusive):
     finally:
         os.close(fd)
     try:
-        if not exclusive:
-            os.replace(tmp, final)
+        for n in range(100):
+            # A second record of one uniqueid (a call's end beside its
+            # claim, or a repeat) gets a name of its own; the replay reads
+            # them together.
+            name = final if n == 0 else os.path.join(
+                directory, f"{call.uniqueid}{REPEAT}{n}{SUFFIX}")
+            try:
+                os.link(tmp, name, follow_symlinks=False)
+                final = name
+                break
+            except FileExistsError:
+                if n == 0 and not call.ended:  # a claim: the uniqueid is taken
+                    raise
         else:
-            for n in range(100):
-                # A settlement never replaces another: a second one for the
-                # same uniqueid gets a name of its own, and the replay
-                # settles it as the repeat it is.
-                name = final if n == 0 else os.path.join(
-                    directory, f"{call.uniqueid}{REPEAT}{n}{SUFFIX}")
-                try:
-                    os.link(tmp, name, follow_symlinks=False)
-                    final = name
-                    break
-                except FileExistsError:
-                    if n == 0 and not call.ended:  # a claim: the uniqueid is taken
-                        raise
-            else:
-                raise FileExistsError(final)
+            raise FileExistsError(final)
     finally:
         remove(tmp)
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -210,10 +212,6 @@ def write(directory, call, exclusive):
     finally:
         os.close(dir_fd)
     return final
-
-
-def spooled(directory, uniqueid):
-    return is_record(os.path.join(directory, uniqueid + SUFFIX))
 
 
 def is_record(path):

@@ -365,13 +365,15 @@ class Tx:
                      " VALUES (?, ?, ?, ?, ?)", (account, m, kind, uniqueid, now))
 
     def close_cdr(self, uniqueid, fields, again=False):
-        """Complete an active CDR (``again``: rewrite a settled one)."""
+        """Complete an active CDR (``again``: rewrite one the sweep settled
+        by policy); whether it was still so."""
         m = self.store.money_in
         fields = dict(fields, cost=m(fields["cost"]),
                       buy_cost=None if fields.get("buy_cost") is None else m(fields["buy_cost"]))
         sets = ", ".join(f"{name} = ?" for name in fields)
-        only = "" if again else " AND state = 'active'"
-        self.run(f"UPDATE astcdr SET {sets} WHERE uniqueid = ?{only}", (*fields.values(), uniqueid))
+        only = " AND state IN ('released', 'charged')" if again else " AND state = 'active'"
+        return self.run(f"UPDATE astcdr SET {sets} WHERE uniqueid = ?{only}",
+                        (*fields.values(), uniqueid)).rowcount == 1
 
     # -- administration ------------------------------------------------------
     def add_account(self, account, tariff, balance, now, credit_limit=D(0), max_calls=0):
