@@ -622,3 +622,20 @@ def test_two_replayers_correct_a_call_once(tariff, monkeypatch):
     assert tariff.query("SELECT COUNT(*) FROM astledger WHERE kind = 'correction'") == [(1,)]
     assert tariff.balance("1001") == Decimal("9.88")
     invariants(tariff, D10)
+
+
+def test_a_reservation_the_database_refuses_to_settle_is_skipped_and_the_rest_are_swept(
+        tariff, monkeypatch):
+    bad, good = (place_call(tariff, Scenario(kill_after_dial_sent=True)).uniqueid for _ in range(2))
+    settle_call = ledger.settle_call
+
+    def refusing(store, call, settings, policy=None):
+        if call.uniqueid == bad:
+            raise StoreError("1114: The table 'astledger' is full")
+        return settle_call(store, call, settings, policy)
+
+    monkeypatch.setattr(ledger, "settle_call", refusing)
+    tariff.backdate(7200)
+    done = {d["uniqueid"]: d["action"] for d in tariff.sweep()}
+    assert done == {bad: "skipped", good: "released"}
+    assert tariff.reservations() == [(bad,)]

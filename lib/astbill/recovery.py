@@ -520,6 +520,10 @@ def sweep(settings, store, held=()):
             result = sweep_one(settings, store, res, now)
         except (UnknownCall, Busy) as exc:
             result = {"action": "skipped", "reason": str(exc)}
+        except StoreError as exc:
+            if not answers(store):
+                raise  # an outage: the rest waits for the next sweep
+            result = {"action": "skipped", "reason": str(exc)}  # this call's own
         if result:
             done.append(dict(entry, **result))
     return done
