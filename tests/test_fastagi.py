@@ -1,8 +1,6 @@
 """astbill-fastagi: the real server process on a free port, calls played
 over real TCP connections by the Asterisk 20 peer (agipeer's socket mode),
 on SQLite and on MariaDB through both drivers."""
-import json
-import os
 import re
 import signal
 import socket
@@ -336,3 +334,13 @@ def test_a_hundred_simultaneous_calls_never_overspend(tariff, server):
     cdrs = invariants(tariff, {"1001": Decimal("10"), "pool": Decimal("3.00")})
     assert sorted(c["uniqueid"] for c in cdrs) == sorted(
         c.uniqueid for c, s in zip(calls, statuses) if s == "OK")
+
+
+def test_the_config_is_read_again_when_it_changes_and_on_sighup(tariff, server):
+    assert server.call(Scenario(answered_ms=1000)).dial_args.startswith("PJSIP/4912345678@trunk,")
+    tariff.write_config(dial="SIP/other/{number}")
+    assert server.call(Scenario(answered_ms=1000)).dial_args.startswith("SIP/other/4912345678,")
+    server.proc.send_signal(signal.SIGHUP)
+    assert server.wait_for("astbill-fastagi: config reloaded")
+    assert server.call(Scenario(answered_ms=1000)).variables_set["ASTBILL_COST"] == "0.0600"
+    assert server.proc.poll() is None
