@@ -344,3 +344,17 @@ def test_the_config_is_read_again_when_it_changes_and_on_sighup(tariff, server):
     assert server.wait_for("astbill-fastagi: config reloaded")
     assert server.call(Scenario(answered_ms=1000)).variables_set["ASTBILL_COST"] == "0.0600"
     assert server.proc.poll() is None
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("fastagi_allow", ["not-an-address"], "fastagi_allow must list addresses or networks"),
+    ("fastagi_allow", "127.0.0.1", "fastagi_allow must be list"),
+    ("fastagi_max_calls", 0, "fastagi_max_calls must be between 1 and 10000"),
+    ("fastagi_idle_secs", 0, "fastagi_idle_secs must be between 1 and 300"),
+])
+def test_the_fastagi_settings_are_checked_in_one_line(tariff, key, value, words):
+    tariff.write_config(**{key: value})
+    started = subprocess.run([sys.executable, SERVER, "-c", str(tariff.config), "--listen",
+                              "127.0.0.1:0"], capture_output=True, text=True, timeout=30)
+    assert started.returncode == 2
+    assert words in started.stderr and len(started.stderr.splitlines()) == 1, started.stderr
