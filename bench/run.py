@@ -94,6 +94,106 @@ def one_call(env, account, number):
     return sample
 
 
+FASTAGI = str(ROOT / "astbill-fastagi")
+
+
+def start_fastagi(config):
+    """An astbill-fastagi process on a free loopback port: (process, port)."""
+    import re
+    proc = subprocess.Popen([PY, FASTAGI, "-c", str(config), "--listen", "127.0.0.1:0"],
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    found = re.search(r"listening on [\d.]+:(\d+)", line)
+    if not found:
+        raise SystemExit(f"bench: astbill-fastagi did not start: {line}")
+    threading.Thread(target=lambda: proc.stderr.read(), daemon=True).start()  # its call log
+    return proc, int(found.group(1))
+
+
+def fastagi_call(port, account, number):
+    """One call over FastAGI: (seconds from connect to EXEC Dial written, status)."""
+    import socket
+    uid = uniqueid()
+    values = {"agi_request": f"agi://127.0.0.1:{port}/astbill", "agi_channel": "SIP/bench-1",
+              "agi_uniqueid": uid, "agi_callerid": "4930111222", "agi_extension": number,
+              "agi_accountcode": account}
+    block = ("agi_network: yes\nagi_network_script: astbill\n"
+             + "".join(f"{k}: {values.get(k, '')}\n" for k in ENV_KEYS) + "\n")
+    started = time.perf_counter()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(block.encode())
+    status, authorize = "?", None
+    for raw in sock.makefile("rb"):
+        line = raw.decode()
+        if line.startswith("EXEC Dial"):
+            authorize = time.perf_counter() - started
+            reply = "200 result=-1"
+        elif line.startswith("GET FULL VARIABLE \"${CHANNEL(state)}"):
+            reply = f"200 result=1 (Ring|0.000000|{uid})"
+        elif line.startswith("GET FULL VARIABLE"):
+            reply = "200 result=1 (ANSWER|61000|61|61.000000|SIP/trunk-1)"
+        else:
+            if line.startswith("SET VARIABLE ASTBILL_STATUS"):
+                status = line.split('"')[1]
+            reply = "200 result=1"
+        sock.sendall(reply.encode() + b"\n")
+    sock.close()
+    return (authorize if authorize is not None else time.perf_counter() - started), status
+
+
+def fastagi_clients(port, clients, calls, account="shared"):
+    """``calls`` calls from ``clients`` concurrent clients: (setups/s, refused)."""
+    refused = [0]
+    counter = iter(range(calls))
+    lock = threading.Lock()
+
+    def client():
+        while True:
+            with lock:
+                if next(counter, None) is None:
+                    return
+            if fastagi_call(port, account, "4912345678")[1] != "OK":
+                refused[0] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return calls / (time.perf_counter() - started), refused[0]
+
+
+def current_rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def fastagi_report(label, config, runs, volumes):
+    proc, port = start_fastagi(config)
+    try:
+        times = sorted(fastagi_call(port, "shared", "4912345678")[0] for _ in range(runs))
+        p99 = times[max(0, int(len(times) * 0.99) - 1)] * 1000
+        rates = []
+        for clients in (1, 10, 100):
+            rate, refused = fastagi_clients(port, clients, max(clients * 3, runs))
+            rates.append(f"{clients}: {rate:.0f}/s" + (f" ({refused} refused)" if refused else ""))
+        done, sizes = 0, []
+        for volume in volumes:
+            fastagi_clients(port, 10, volume - done)
+            done = volume
+            sizes.append(f"{volume:,} calls {current_rss_kb(proc.pid) / 1024:.1f} MB")
+        print(f"  {label:20} connect -> EXEC Dial median {statistics.median(times) * 1000:.1f} ms,"
+              f" p99 {p99:.1f} ms; setups/s with clients {', '.join(rates)};"
+              f" server RSS after {', '.join(sizes)}")
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
 def peak_rss_kb(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -332,6 +432,8 @@ def main():
     parser.add_argument("--trunk-prefixes", type=int, default=100_000,
                         help="prefixes in the routed tariff and in each trunk's deck")
     parser.add_argument("--bursts", default="20,50,100", help="calls started at once, comma-separated")
+    parser.add_argument("--fastagi-calls", default="1000,100000",
+                        help="after how many FastAGI calls the server's RSS is read, comma-separated")
     args = parser.parse_args()
     subprocess.run([PY, "-m", "compileall", "-q", str(ROOT / "lib")], check=True,
                    stdout=subprocess.DEVNULL)
@@ -433,6 +535,12 @@ def report(workdir, backends, args):
                                capture_output=True, text=True)
         said = (audit.stdout.strip() or audit.stderr.strip() or "(nothing)").splitlines()
         print(f"  {label:8}after the bursts: {said[-1]}")
+    print("\nFastAGI (astbill-fastagi, one server; a call is connect -> EXEC Dial -> settled -> close):")
+    volumes = [int(v) for v in args.fastagi_calls.split(",")]
+    for label, *_ in backends:
+        fastagi_report(label, workdir / f"{label.lower()}.yaml", args.runs, volumes)
+        if label == "MariaDB":
+            fastagi_report("MariaDB (PyMySQL)", workdir / "pymysql.yaml", args.runs, volumes)
     print("\nreference, A2Billing's PHP AGI on this kind of machine: start -> EXEC Dial 3.0x floor,"
           " peak RSS 2.8x floor, 17 statements and 2 connections per call")
 

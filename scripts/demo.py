@@ -75,6 +75,7 @@ def main():
     show("1001 -> 7123456, no rate", call("1001", "7123456", Scenario(answered_ms=60_000)))
 
     carriers()
+    fastagi()
 
     print("\nAccounts after the calls:")
     print(admin("account", "list"))
@@ -108,6 +109,28 @@ def carriers():
     show("5005 (1 call at most) -> a second call", call("5005", "4912345678", Scenario(answered_ms=1)))
     gate.set()
     show("5005 (peak/off-peak tariff) -> Germany, 90 s", held.wait())
+
+
+def fastagi():
+    """The same billing through astbill-fastagi, one server process over TCP."""
+    import re
+    from agipeer import fastagi_env, run_fastagi_call
+    server = subprocess.Popen([sys.executable, str(ROOT / "astbill-fastagi"), "-c", str(CONFIG),
+                               "--listen", "127.0.0.1:0"], env=ENV, stderr=subprocess.PIPE, text=True)
+    try:
+        port = int(re.search(r":(\d+) ", server.stderr.readline()).group(1))
+        threading.Thread(target=server.stderr.read, daemon=True).start()
+        print(f"\nThrough astbill-fastagi (AGI(agi://127.0.0.1:{port}/astbill)), one process:")
+        for label, account, number, scenario in (
+                ("1001 -> Germany, answered, 61 s", "1001", "4912345678", Scenario(answered_ms=61_000)),
+                ("1001 -> Germany, caller hangs up (HANGUP)", "1001", "4912345678",
+                 Scenario(answered_ms=20_000, caller_hangup=True)),
+                ("3003 -> Germany, no funds", "3003", "4912345678", Scenario(answered_ms=1_000))):
+            block = fastagi_env(port=port, agi_accountcode=account, agi_extension=number)
+            show(label, run_fastagi_call(("127.0.0.1", port), scenario, block))
+    finally:
+        server.terminate()
+        server.wait(60)
 
 
 if __name__ == "__main__":

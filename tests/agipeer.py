@@ -771,3 +771,132 @@ class CallHandle:
             return REPLY_USAGE
         self._verbose.append(argv[1])
         return "200 result=1"
+
+
+# --- FastAGI: the same peer over a TCP connection ---------------------------------
+
+def fastagi_env(script: str | None = "astbill", host: str = "127.0.0.1", port: int = 4573,
+                **overrides) -> dict:
+    """The env block Asterisk 20 sends a FastAGI server: ``agi_network`` and
+    ``agi_network_script`` first (none for a URL without a path), then the
+    usual keys with agi_request the whole URL (fastagi/README.md)."""
+    block = {"agi_network": "yes"}
+    if script is not None:
+        block["agi_network_script"] = script
+    url = f"agi://{host}:{port}" + (f"/{script}" if script is not None else "")
+    block.update(agi_env(agi_request=url, **overrides))
+    return block
+
+
+def start_fastagi_call(address: tuple, scenario: Scenario | None = None,
+                       env_block: dict | None = None, timeout: float = 30.0) -> SocketCallHandle:
+    """Play a call to the FastAGI server at ``address`` (host, port)."""
+    return SocketCallHandle(address, scenario or Scenario(), env_block or fastagi_env(), timeout)
+
+
+def run_fastagi_call(address, scenario=None, env_block=None, timeout=30.0) -> CallResult:
+    return start_fastagi_call(address, scenario, env_block, timeout).wait()
+
+
+class SocketCallHandle(CallHandle):
+    """One call over FastAGI: the env block is sent on connecting, each
+    command answered as res_agi answers it; a caller hangup during the Dial
+    writes ``HANGUP`` right after the Dial's result (unless AGISIGHUP=no);
+    the server's close ends the call, and Asterisk then writes ``HANGUP``
+    once more and closes (fastagi/README.md).  ``returncode`` is 0 once the
+    server has closed the connection."""
+
+    def __init__(self, address, scenario: Scenario, env_block: dict, timeout: float):
+        if scenario.kill_after_dial_sent:
+            raise ValueError("over FastAGI, kill the server itself")
+        self.cmd = [f"agi://{address[0]}:{address[1]}"]
+        self.scenario = scenario
+        self.env_block = dict(env_block)
+        self.timeout = timeout
+        self.dial_reached = threading.Event()
+        self._deadline = time.monotonic() + timeout
+        self._abort = threading.Event()
+        self._channel = _Channel(scenario, self.env_block)
+        self._hangup_pending = False
+        self._pipes_closed = False
+        self._dialogue, self._commands, self._verbose = [], [], []
+        self._variables_set = {}
+        self._dial_args = None
+        self._stderr_chunks = []
+        self._result = None
+        self.server_closed = False
+        import socket
+        self._sock = socket.create_connection(address, timeout=10)
+        self._sock.settimeout(None)
+        self._rfile = self._sock.makefile("rb")
+        self.pid = None
+        self._peer = threading.Thread(target=self._serve_socket, daemon=True)
+        self._peer.start()
+
+    @property
+    def finished(self) -> bool:
+        return not self._peer.is_alive()
+
+    def wait(self) -> CallResult:
+        if self._result is None:
+            self._peer.join(self._remaining())
+            if self._peer.is_alive():
+                self._abort.set()
+                self._close_socket()
+                self._peer.join(2.0)
+                result = self._snapshot(None)
+                raise AgiPeerTimeout(f"FastAGI call still open after {self.timeout} s; closed"
+                                     f" it.  The call so far:\n{result.dialogue_text()}")
+            self._result = self._snapshot(0 if self.server_closed else None)
+        return self._result
+
+    def _close_socket(self):
+        import socket
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+
+    def _serve_socket(self):
+        env_lines = [f"{key}: {value}" for key, value in self.env_block.items()] + [""]
+        for line in env_lines:
+            self._dialogue.append(("AST", line))
+        self._write("".join(line + "\n" for line in env_lines))
+        self._clock = time.monotonic()
+        while not self._pipes_closed:
+            try:
+                raw = self._rfile.readline()
+            except OSError:
+                raw = b""
+            if not raw:
+                self.server_closed = not self._pipes_closed
+                if self.scenario.agisighup and not self._pipes_closed:
+                    self._write("HANGUP\n")  # the AGI ended: written in every recording
+                break
+            line = raw.decode("utf-8", "surrogateescape")
+            line = line[:-1] if line.endswith("\n") else line
+            self._dialogue.append(("AGI", line))
+            self._commands.append(line)
+            self._handle(line)
+        self._close_socket()
+
+    def _write(self, text: str):
+        try:
+            self._sock.sendall(text.encode("utf-8", "surrogateescape"))
+        except OSError:
+            pass
+
+    def _hang_up_with(self, reply: str):
+        """The Dial's result, then ``HANGUP`` unprompted, in the same
+        millisecond (fastagi/README.md: caller_hangup, caller_cancel)."""
+        self._hangup_pending = False
+        self._channel.dead = True
+        self._reply(reply)
+        if self.scenario.agisighup:
+            self._dialogue.append(("AST", "HANGUP"))
+            self._write("HANGUP\n")
+        if self.scenario.exit_on_hangup:
+            self._write("HANGUP\n")
+            self._pipes_closed = True
+            self._close_socket()

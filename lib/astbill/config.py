@@ -8,6 +8,7 @@ the interpreter's marshal version are unchanged -- and so are its inode and
 ctime (a file replaced or touched within one mtime tick), and AstBill's
 version (whose defaults and checks the cache holds).
 """
+import _thread
 import marshal
 import os
 
@@ -51,6 +52,12 @@ DEFAULTS = {
     "lcr_max_trunks": 3,
     "billsec_rounding": "up",
     "trust_callerid": False,
+    # astbill-fastagi: calls served at once (one more is refused at once),
+    # how long a client may take to send its AGI environment, and the
+    # addresses and networks it may connect from.
+    "fastagi_max_calls": 100,
+    "fastagi_idle_secs": 5,
+    "fastagi_allow": ["127.0.0.1/32", "::1/128"],
 }
 _TYPES = {
     "database": str, "account_source": str, "international_prefix": str,
@@ -62,6 +69,7 @@ _TYPES = {
     "sweep_policy": str, "asterisk_cdr_table": str, "database_password_env": str,
     "mysql_driver": str, "tariffs": dict, "timezone": str, "lcr_allow_loss": bool,
     "lcr_max_trunks": int, "billsec_rounding": str, "trust_callerid": bool,
+    "fastagi_max_calls": int, "fastagi_idle_secs": int, "fastagi_allow": list,
 }
 _CHOICES = {"on_db_error": ("refuse", "allow"), "sweep_policy": ("release", "charge"),
             "mysql_driver": ("auto", "mysqlclient", "pymysql"),
@@ -71,7 +79,8 @@ _RANGES = {"max_call_secs": (1, 86400), "ring_timeout": (1, 600),
            "lock_wait_secs": (1, 60), "db_error_allow_secs": (1, 600),
            "db_error_max_calls": (1, 100),
            "connect_timeout_secs": (1, 30), "lcr_max_trunks": (1, 10),
-           "sweep_grace_secs": (0, 86400)}
+           "sweep_grace_secs": (0, 86400), "fastagi_max_calls": (1, 10000),
+           "fastagi_idle_secs": (1, 300)}
 
 
 class ConfigError(Exception):
@@ -82,6 +91,12 @@ def config_path(explicit=None):
     return explicit or os.environ.get("ASTBILL_CONFIG") or DEFAULT_PATH
 
 
+# What load read last, per path: (stamp, settings).  A process that loads
+# its config for every call (astbill-fastagi) re-reads nothing while the
+# file's stamp is unchanged; the settings are shared and never changed.
+_memo = {}
+
+
 def load(path=None):
     """The checked settings of the config file at ``path`` (see config_path)."""
     path = config_path(path)
@@ -90,6 +105,9 @@ def load(path=None):
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     stamp = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, marshal.version, __version__)
+    memo = _memo.get(path)
+    if memo is not None and memo[0] == stamp:
+        return memo[1]
     cache = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".cache")
     settings = _read_cache(cache, stamp)
     if settings is None:
@@ -97,7 +115,13 @@ def load(path=None):
         _write_cache(cache, stamp, settings)
     # Relative sqlite:// paths are relative to the config file.
     settings["config_dir"] = os.path.dirname(os.path.abspath(path))
+    _memo[path] = (stamp, settings)
     return settings
+
+
+def forget():
+    """Read every config file again at its next load (SIGHUP)."""
+    _memo.clear()
 
 
 def _parse_yaml(path):
@@ -205,12 +229,26 @@ def check(raw, path="config"):
     problem = dial_field_problem(settings["dial_options"])
     if problem:
         raise ConfigError(f"{path}: dial_options {problem}")
+    check_allow(settings["fastagi_allow"], path)
     for name, tariff in settings["tariffs"].items():
         if not isinstance(tariff, dict) or set(tariff) - {"dial"} or not isinstance(tariff.get("dial", ""), str):
             raise ConfigError(f"{path}: tariffs.{name} may only set dial (a string)")
         check_dial(tariff.get("dial"), f"{path}: tariffs.{name}.dial")
     check_dial(settings["dial"], f"{path}: dial")
     return settings
+
+
+def check_allow(allow, path):
+    """fastagi_allow: a list of addresses or networks (10.0.0.0/8, ::1)."""
+    import ipaddress
+    for entry in allow:
+        try:
+            if not isinstance(entry, str):
+                raise TypeError(entry)
+            ipaddress.ip_network(entry)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: fastagi_allow must list addresses or networks"
+                              f" such as 10.0.0.0/8, not {str(entry)[:60]!r}") from None
 
 
 def check_dial(template, where):
@@ -238,7 +276,7 @@ def _read_cache(cache, stamp):
 
 
 def _write_cache(cache, stamp, settings):
-    tmp = f"{cache}.{os.getpid()}"
+    tmp = f"{cache}.{os.getpid()}.{_thread.get_ident()}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:

@@ -25,6 +25,7 @@ calls that must be over -- from Asterisk's own CDR when it knows the call,
 else by policy -- but never one whose real settlement waits in the spool,
 and it compares times on the database's clock alone.
 """
+import _thread
 import os
 import stat
 import time
@@ -180,7 +181,8 @@ def write(directory, call):
     it took."""
     import json
     final = os.path.join(directory, call.uniqueid + SUFFIX)
-    tmp = f"{final}.{os.getpid()}.tmp"
+    # One name per process and thread (astbill-fastagi settles calls in threads).
+    tmp = f"{final}.{os.getpid()}.{_thread.get_ident()}.tmp"
     remove(tmp)  # left by a process of this pid that died writing
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:

@@ -1,8 +1,38 @@
-"""Open the configured database, importing only that backend's driver."""
+"""Open the configured database, importing only that backend's driver.
+
+A long-running process (the FastAGI server) may keep one storage session
+per thread between calls (``keep_sessions``): ``open_store`` then hands the
+thread its kept session when it is for the same database and still works
+(checked each time: a ping, or the SQLite file's identity), else a new one;
+``close`` leaves it open.  No transaction is ever open between two uses.
+"""
 from .base import Busy, Conflict, NotFound, StoreError
+
+_kept = None  # a threading.local once sessions are kept
+
+
+def keep_sessions():
+    """Keep a storage session per thread between calls, from now on."""
+    global _kept
+    import threading
+    _kept = threading.local()
+
+
+def forget_sessions():
+    """Close this thread's kept session, if any."""
+    store = getattr(_kept, "store", None) if _kept is not None else None
+    if store is not None:
+        _kept.store = None
+        store.drop()
 
 
 def open_store(settings):
+    if _kept is not None:
+        return _kept_store(settings)
+    return _new_store(settings)
+
+
+def _new_store(settings):
     database = settings["database"]
     if isinstance(database, str) and database.startswith("sqlite://"):
         from .sqlite import SQLiteStore
@@ -11,4 +41,29 @@ def open_store(settings):
     return MySQLStore(settings)
 
 
-__all__ = ["open_store", "StoreError", "Busy", "Conflict", "NotFound"]
+def _session_key(settings):
+    """What a session's connection depends on."""
+    return (repr(settings["database"]), settings.get("config_dir", ""),
+            settings.get("mysql_driver"), settings.get("database_password_env"),
+            settings.get("lock_wait_secs"), settings.get("connect_timeout_secs"),
+            settings.get("create_database"))
+
+
+def _kept_store(settings):
+    key = _session_key(settings)
+    store = getattr(_kept, "store", None)
+    if store is not None and store.in_use:
+        return _new_store(settings)  # opened inside another session's work: its own
+    if store is not None and (store.session_key != key or not store.usable()):
+        forget_sessions()   # another database, or one that went away: reconnect
+        store = None
+    if store is None:
+        store = _new_store(settings)
+        store.kept, store.session_key = True, key
+        _kept.store = store
+    store.settings, store.in_use = settings, True
+    return store
+
+
+__all__ = ["open_store", "keep_sessions", "forget_sessions", "StoreError", "Busy", "Conflict",
+           "NotFound"]

@@ -99,13 +99,40 @@ class Store:
                 raise self._error(exc, self._classify(exc)) from None
         return self._conn
 
+    # Set by open_store for a session kept between calls (FastAGI): close()
+    # then leaves the connection open for the thread's next call.
+    kept = False
+    in_use = False
+
     def close(self):
+        """End this storage session: its connection is closed, or, for a
+        kept session, left open (no transaction is ever open between calls)."""
+        self.in_use = False
+        if not self.kept:
+            self.drop()
+
+    def drop(self):
+        """Close the connection whatever the session is."""
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
                 conn.close()
             except self.driver_errors:
                 pass
+
+    def usable(self):
+        """Whether a kept connection still works (checked before it is
+        reused); a session without one is usable: it connects when asked."""
+        if self._conn is None:
+            return True
+        try:
+            self._ping(self._conn)
+            return True
+        except self.driver_errors:
+            return False
+
+    def _ping(self, conn):
+        conn.cursor().execute("SELECT 1")
 
     def atomic(self, work):
         """Run ``work(tx)`` in one transaction and commit it, once.
@@ -167,7 +194,7 @@ class Store:
         try:
             self._conn.rollback()
         except self.driver_errors:
-            self.close()
+            self.drop()
 
     def _error(self, exc, kind):
         error = self._named_error(exc, kind)
@@ -183,7 +210,7 @@ class Store:
         if kind == "integrity":
             return Conflict(f"already there: {text}")
         # The connection may be broken; never reuse it.
-        self.close()
+        self.drop()
         return StoreError(f"{self.where()}: {text}")
 
     # -- the schema ----------------------------------------------------------

@@ -134,6 +134,9 @@ class CConnection:
     def commit(self):
         self._conn.commit()
 
+    def ping(self):
+        self._conn.ping()
+
     def rollback(self):
         self._conn.rollback()
 
@@ -273,6 +276,11 @@ class MySQLStore(Store):
             # rowcount = rows matched, not rows changed: adding 0 is no "missing row".
             client_flag=FOUND_ROWS,
             init_command=f"SET SESSION innodb_lock_wait_timeout = {timeout}, autocommit = 1")
+
+    def _ping(self, conn):
+        # Raises when the server is gone; never reconnects behind our back
+        # (PyMySQL 1.0 would by default).
+        conn.ping() if isinstance(conn, CConnection) else conn.ping(False)
 
     def _code(self, exc):
         return exc.args[0] if exc.args and isinstance(exc.args[0], int) else None

@@ -52,8 +52,22 @@ class SQLiteStore(Store):
                 raise sqlite3.OperationalError(f"cannot create it: {exc.strerror}") from None
         except OSError as exc:
             raise sqlite3.OperationalError(f"cannot open it: {exc.strerror}") from None
-        return sqlite3.connect(self.path, timeout=self.settings["lock_wait_secs"],
+        conn = sqlite3.connect(self.path, timeout=self.settings["lock_wait_secs"],
                                isolation_level=None)
+        st = os.stat(self.path)
+        self.file_id = (st.st_dev, st.st_ino)
+        return conn
+
+    def usable(self):
+        """A kept connection follows its file: one moved, replaced or
+        removed since (a restore, an outage) is not used again."""
+        if self._conn is None:
+            return True
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self.file_id and not self._conn.in_transaction
 
     def _error(self, exc, kind):
         """SQLite's "unable to open database file" and "attempt to write a
@@ -61,7 +75,7 @@ class SQLiteStore(Store):
         problem = self.file_problem() if kind is None else None
         if problem is None:
             return super()._error(exc, kind)
-        self.close()
+        self.drop()
         return StoreError(problem)
 
     def file_problem(self):

@@ -1,0 +1,360 @@
+"""astbill-fastagi: the real server process on a free port, calls played
+over real TCP connections by the Asterisk 20 peer (agipeer's socket mode),
+on SQLite and on MariaDB through both drivers."""
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from decimal import Decimal
+
+import pytest
+
+from agipeer import Scenario, fastagi_env, run_fastagi_call, start_fastagi_call
+from conftest import ROOT, invariants
+from test_failures import take_database_down, unreachable
+
+SERVER = str(ROOT / "astbill-fastagi")
+D10 = {"1001": Decimal("10")}
+
+
+class Server:
+    """One astbill-fastagi process, its stderr collected line by line."""
+
+    def __init__(self, billing):
+        self.billing = billing
+        self.proc = subprocess.Popen([sys.executable, SERVER, "-c", str(billing.config),
+                                      "--listen", "127.0.0.1:0"], stderr=subprocess.PIPE,
+                                     text=True, env=billing.env)
+        self.lines = []
+        self.listening = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        assert self.listening.wait(30), self.log()
+        self.address = ("127.0.0.1", self.port)
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+            found = re.search(r"listening on [\d.]+:(\d+)", line)
+            if found:
+                self.port = int(found.group(1))
+                self.listening.set()
+
+    def log(self):
+        return "\n".join(self.lines)
+
+    def wait_for(self, pattern, timeout=20):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(re.search(pattern, line) for line in self.lines):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def call(self, scenario=None, number="4912345678", account="1001", script="astbill",
+             **env):
+        block = fastagi_env(script, port=self.port, agi_extension=number,
+                            agi_accountcode=account, **env)
+        result = run_fastagi_call(self.address, scenario, block)
+        result.uniqueid = block["agi_uniqueid"]
+        return result
+
+    def start(self, scenario, number="4912345678", account="1001"):
+        block = fastagi_env(port=self.port, agi_extension=number, agi_accountcode=account)
+        handle = start_fastagi_call(self.address, scenario, block, 60)
+        handle.uniqueid = block["agi_uniqueid"]
+        return handle
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def server(tariff):
+    s = Server(tariff)
+    yield s
+    s.stop()
+
+
+def billed(tariff, result, billsec, cost, balance):
+    text = result.dialogue_text()
+    assert result.returncode == 0, text           # the server closed the connection
+    assert result.variables_set["ASTBILL_STATUS"] == "OK", text
+    assert (result.variables_set["ASTBILL_BILLSEC"], result.variables_set["ASTBILL_COST"]) == (
+        str(billsec), cost), text
+    assert tariff.balance("1001") == Decimal(balance)
+    cdr = tariff.cdr(result.uniqueid)
+    assert (cdr["billsec"], cdr["cost"], cdr["state"]) == (billsec, Decimal(cost), "settled")
+
+
+def test_an_answered_call_is_billed_over_fastagi(tariff, server):
+    result = server.call(Scenario(answered_ms=61_500))
+    billed(tariff, result, 62, "0.1200", "9.88")
+    assert result.dial_args == "PJSIP/4912345678@trunk,60,L(3600000)"
+    assert server.wait_for(rf"astbill: {re.escape(result.uniqueid)} settled: 62s, cost 0.1200")
+    second = server.call(Scenario(answered_ms=1_000))     # the kept session serves again
+    billed(tariff, second, 1, "0.0600", "9.82")
+    invariants(tariff, D10)
+
+
+@pytest.mark.parametrize("agisighup", [True, False], ids=["hangup-line", "agisighup-no"])
+def test_a_caller_hangup_mid_dial_is_billed_its_real_talk_time(tariff, server, agisighup):
+    result = server.call(Scenario(answered_ms=4004, caller_hangup=True, agisighup=agisighup),
+                         number="4915123456")
+    assert ("AST", "HANGUP") in result.dialogue or not agisighup
+    billed(tariff, result, 5, "0.0100", "9.99")
+    invariants(tariff, D10)
+
+
+@pytest.mark.parametrize("dialstatus", ["BUSY", "NOANSWER"])
+def test_unanswered_calls_cost_nothing(tariff, server, dialstatus):
+    result = server.call(Scenario(dialstatus=dialstatus))
+    billed(tariff, result, 0, "0.0000", "10")
+    assert tariff.cdr(result.uniqueid)["disposition"] in ("BUSY", "NO ANSWER")
+    invariants(tariff, D10)
+
+
+def test_failover_over_trunks(tariff):
+    from test_routing import BUY, HEADER
+    for name, rates in BUY.items():
+        tariff.admin_ok("trunk", "add", name, "--dial", f"SIP/{name}/{{number}}")
+        path = tariff.path / f"{name}.csv"
+        path.write_text(HEADER + rates)
+        tariff.admin_ok("rate", "import", str(path), "--trunk", name)
+    server = Server(tariff)
+    try:
+        result = server.call(Scenario(earlier_dials=("CHANUNAVAIL", "CONGESTION"),
+                                      answered_ms=61_000))
+    finally:
+        server.stop()
+    dials = [c for c in result.commands if c.startswith("EXEC Dial")]
+    assert [d.split()[2].strip('"').split(",")[0] for d in dials] == [
+        "SIP/carrier-c/4912345678", "SIP/carrier-a/4912345678", "SIP/carrier-b/4912345678"]
+    assert result.variables_set["ASTBILL_TRUNK"] == "carrier-b"
+    billed(tariff, result, 61, "0.1200", "9.88")
+
+
+def test_refusals_over_fastagi(tariff, server):
+    tariff.admin_ok("account", "add", "poor", "--balance", "0")
+    assert server.call(Scenario(), account="poor").variables_set["ASTBILL_STATUS"] == "NOFUNDS"
+    assert server.call(Scenario(), number="819012345").variables_set["ASTBILL_STATUS"] == "NORATE"
+    tariff.admin_ok("account", "set", "1001", "--max-calls", "1")
+    gate = threading.Event()
+    held = server.start(Scenario(dial_gate=gate, answered_ms=1000))
+    assert held.dial_reached.wait(30)
+    assert server.call(Scenario()).variables_set["ASTBILL_STATUS"] == "MAXCALLS"
+    gate.set()
+    assert held.wait().variables_set["ASTBILL_COST"] == "0.0600"
+    tariff.admin_ok("trunk", "add", "only-us", "--dial", "SIP/us/{number}")
+    path = tariff.path / "us.csv"
+    path.write_text("prefix,destination,rate,connect_fee,min_secs,increment\n1,USA,0.001,0,1,1\n")
+    tariff.admin_ok("rate", "import", str(path), "--trunk", "only-us")
+    refused = server.call(Scenario())
+    assert refused.variables_set["ASTBILL_STATUS"] == "NOROUTE", refused.dialogue_text()
+    assert server.wait_for("astbill: NOROUTE no trunk carries 4912345678")
+    invariants(tariff, {"1001": Decimal("10"), "poor": Decimal("0")})
+
+
+def test_a_profile_names_a_config_beside_the_servers(tariff, server):
+    profile = tariff.path / "cheap.yaml"
+    profile.write_text(tariff.config.read_text() + "dial: \"SIP/cheap/{number}\"\n"
+                       if "dial:" not in tariff.config.read_text() else
+                       re.sub(r"(?m)^dial: .*$", "dial: SIP/cheap/{number}", tariff.config.read_text()))
+    result = server.call(Scenario(answered_ms=1000), script="astbill/cheap")
+    assert result.dial_args.startswith("SIP/cheap/4912345678,"), result.dialogue_text()
+    bad = server.call(Scenario(), script="astbill/../etc")
+    assert bad.variables_set["ASTBILL_STATUS"] == "ERROR" and bad.dial_args is None
+    assert "is not a plain word" in bad.verbose[-1]
+
+
+def test_an_outage_at_authorization_is_refused(tariff, server):
+    good = tariff.settings["database"]
+    tariff.write_config(database=unreachable(tariff), lock_wait_secs=2)
+    result = server.call(Scenario(answered_ms=1000))
+    assert result.variables_set["ASTBILL_STATUS"] == "ERROR" and result.dial_args is None
+    tariff.write_config(database=good)
+    assert server.call(Scenario(answered_ms=1000)).variables_set["ASTBILL_COST"] == "0.0600"
+
+
+def test_an_outage_at_settlement_is_spooled_then_replayed(tariff, server, request):
+    gate = threading.Event()
+    call = server.start(Scenario(dial_gate=gate, answered_ms=61_000))
+    assert call.dial_reached.wait(30)
+    restore = take_database_down(tariff, request)
+    gate.set()
+    result = call.wait()
+    restore()
+    assert "ASTBILL_COST" not in result.variables_set
+    assert "settlement spooled to" in result.verbose[-1], result.dialogue_text()
+    # The next call reconnects (no restart) and its replay settles the spooled one.
+    assert server.call(Scenario(answered_ms=1000)).variables_set["ASTBILL_COST"] == "0.0600"
+    deadline = time.monotonic() + 20     # the replay runs after the reply, off the call's path
+    while list(tariff.spool.glob("*.call")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(tariff.spool.glob("*.call")) == []
+    assert tariff.balance("1001") == Decimal("9.82")
+    invariants(tariff, D10)
+
+
+def test_a_repeated_uniqueid_is_refused(tariff, server):
+    first = server.call(Scenario(answered_ms=61_000))
+    again = server.call(Scenario(answered_ms=61_000), agi_uniqueid=first.uniqueid)
+    assert again.variables_set["ASTBILL_STATUS"] == "ERROR" and again.dial_args is None
+    assert tariff.balance("1001") == Decimal("9.88")
+
+
+def test_garbled_input_costs_nothing_and_is_logged_once(tariff, server):
+    for junk in (b"this is not agi\n\n", b"agi_network: yes\n" + b"agi_x: " + b"y" * 9000 + b"\n",
+                 b"agi_network: yes\n" + b"".join(b"agi_arg_%d: x\n" % i for i in range(1, 9000))):
+        with socket.create_connection(server.address) as sock:
+            sock.sendall(junk)
+            sock.settimeout(10)
+            assert sock.recv(100) == b""          # closed, nothing asked of Asterisk
+    assert server.wait_for("not an AGI environment line")
+    assert server.wait_for("AGI line too long")
+    assert server.wait_for("AGI environment longer than")
+    # A garbled reply before the Dial: the reservation is released.
+    block = fastagi_env(port=server.port, agi_accountcode="1001", agi_extension="4912345678")
+    with socket.create_connection(server.address) as sock:
+        sock.sendall("".join(f"{k}: {v}\n" for k, v in block.items()).encode() + b"\n")
+        f = sock.makefile("rb")
+        f.readline()                               # the channel read
+        sock.sendall(b"garbage\n")
+        sock.settimeout(10)
+        while f.readline():
+            sock.sendall(b"200 result=1\n")
+    assert tariff.query("SELECT COUNT(*) FROM astcdr") == [(0,)]
+    assert tariff.balance("1001") == Decimal("10") and tariff.reservations() == []
+
+
+def test_a_connection_from_elsewhere_is_closed_unread(tariff):
+    tariff.write_config(fastagi_allow=["10.0.0.0/8"])
+    server = Server(tariff)
+    try:
+        with socket.create_connection(server.address) as sock:
+            sock.settimeout(10)
+            assert sock.recv(100) == b""
+        assert server.wait_for("connection from 127.0.0.1 closed: not in fastagi_allow")
+        assert not any("astbill:" in line for line in server.lines)
+    finally:
+        server.stop()
+
+
+def test_a_call_over_the_bound_gets_error_at_once_and_an_idle_client_is_dropped(tariff):
+    tariff.write_config(fastagi_max_calls=1, fastagi_idle_secs=1)
+    server = Server(tariff)
+    try:
+        gate = threading.Event()
+        held = server.start(Scenario(dial_gate=gate, answered_ms=1000))
+        assert held.dial_reached.wait(30)
+        started = time.monotonic()
+        over = server.call(Scenario())
+        assert time.monotonic() - started < 3
+        assert over.variables_set == {"ASTBILL_STATUS": "ERROR"} and over.dial_args is None
+        assert server.wait_for(r"1 calls in progress already \(fastagi_max_calls\)")
+        gate.set()
+        assert held.wait().variables_set["ASTBILL_COST"] == "0.0600"
+        with socket.create_connection(server.address) as sock:
+            started = time.monotonic()
+            sock.settimeout(10)
+            assert sock.recv(100) == b""
+            assert time.monotonic() - started < 5
+        assert server.wait_for("no complete AGI environment within 1s")
+        server.proc.send_signal(signal.SIGUSR1)
+        assert server.wait_for("calls in progress 0, served 1, refused 1, errors 1")
+    finally:
+        server.stop()
+
+
+def test_a_killed_server_leaves_the_call_to_the_sweep(tariff, server):
+    gate = threading.Event()
+    call = server.start(Scenario(dial_gate=gate, answered_ms=61_000))
+    assert call.dial_reached.wait(30)
+    server.proc.kill()
+    server.proc.wait()
+    gate.set()
+    call.wait()
+    assert tariff.reservations() == [(call.uniqueid,)]
+    tariff.backdate(2 * 3600)
+    assert [d["uniqueid"] for d in tariff.sweep()] == [call.uniqueid]
+    invariants(tariff, D10)
+
+
+def test_sigterm_drains_a_call_in_progress(tariff, server):
+    gate = threading.Event()
+    call = server.start(Scenario(dial_gate=gate, answered_ms=61_000))
+    assert call.dial_reached.wait(30)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.wait_for("SIGTERM: not accepting")
+    with pytest.raises(OSError):
+        socket.create_connection(server.address, timeout=2).close()
+    assert server.proc.poll() is None          # still up for the call
+    gate.set()
+    result = call.wait()
+    result.uniqueid = call.uniqueid
+    billed(tariff, result, 61, "0.1200", "9.88")
+    assert server.proc.wait(30) == 0
+    invariants(tariff, D10)
+
+
+def test_a_hundred_simultaneous_calls_never_overspend(tariff, server):
+    tariff.write_config(max_call_secs=120)
+    tariff.admin_ok("account", "add", "pool", "--balance", "3.00")
+    gate = threading.Event()
+    calls = [server.start(Scenario(dial_gate=gate, answered_ms=30_000 + 300 * i), account="pool")
+             for i in range(100)]
+    overdrawn, stop = [], threading.Event()
+
+    def watch():
+        store = tariff.store()
+        while not stop.is_set():
+            for account, _, balance, reserved, *_ in store.read(lambda tx: tx.accounts()):
+                if reserved > balance:
+                    overdrawn.append((account, balance, reserved))
+        store.close()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all(c.dial_reached.is_set() or c.finished
+                                                  for c in calls):
+        time.sleep(0.1)
+    gate.set()
+    results = [c.wait() for c in calls]
+    stop.set()
+    watcher.join()
+    assert overdrawn == []
+    statuses = [r.variables_set.get("ASTBILL_STATUS") for r in results]
+    assert set(statuses) <= {"OK", "NOFUNDS"}, statuses
+    assert statuses.count("OK") >= 10 and statuses.count("NOFUNDS") >= 10
+    cdrs = invariants(tariff, {"1001": Decimal("10"), "pool": Decimal("3.00")})
+    assert sorted(c["uniqueid"] for c in cdrs) == sorted(
+        c.uniqueid for c, s in zip(calls, statuses) if s == "OK")
+
+
+def test_the_config_is_read_again_when_it_changes_and_on_sighup(tariff, server):
+    assert server.call(Scenario(answered_ms=1000)).dial_args.startswith("PJSIP/4912345678@trunk,")
+    tariff.write_config(dial="SIP/other/{number}")
+    assert server.call(Scenario(answered_ms=1000)).dial_args.startswith("SIP/other/4912345678,")
+    server.proc.send_signal(signal.SIGHUP)
+    assert server.wait_for("astbill-fastagi: config reloaded")
+    assert server.call(Scenario(answered_ms=1000)).variables_set["ASTBILL_COST"] == "0.0600"
+    assert server.proc.poll() is None
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("fastagi_allow", ["not-an-address"], "fastagi_allow must list addresses or networks"),
+    ("fastagi_allow", "127.0.0.1", "fastagi_allow must be list"),
+    ("fastagi_max_calls", 0, "fastagi_max_calls must be between 1 and 10000"),
+    ("fastagi_idle_secs", 0, "fastagi_idle_secs must be between 1 and 300"),
+])
+def test_the_fastagi_settings_are_checked_in_one_line(tariff, key, value, words):
+    tariff.write_config(**{key: value})
+    started = subprocess.run([sys.executable, SERVER, "-c", str(tariff.config), "--listen",
+                              "127.0.0.1:0"], capture_output=True, text=True, timeout=30)
+    assert started.returncode == 2
+    assert words in started.stderr and len(started.stderr.splitlines()) == 1, started.stderr
