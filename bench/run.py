@@ -55,6 +55,20 @@ class Sample:
     __slots__ = ("authorize", "settle", "rss_kb", "status")
 
 
+def reply_to(line, uid):
+    """(what Asterisk answers to ``line`` on an answered 61 s call, the
+    ASTBILL_STATUS it sets or None)."""
+    if line.startswith("EXEC Dial"):
+        return "200 result=-1", None
+    if line.startswith("GET FULL VARIABLE \"${CHANNEL(state)}"):
+        return f"200 result=1 (Ring|0.000000|{uid})", None
+    if line.startswith("GET FULL VARIABLE"):
+        return "200 result=1 (ANSWER|61000|61|61.000000|SIP/trunk-1)", None
+    if line.startswith("SET VARIABLE ASTBILL_STATUS"):
+        return "200 result=1", line.split('"')[1]
+    return "200 result=1", None
+
+
 def one_call(env, account, number):
     """One call through astbill.py; a Sample of its timings."""
     uid = uniqueid()
@@ -73,16 +87,9 @@ def one_call(env, account, number):
         if line.startswith("EXEC Dial"):
             sample.authorize = time.perf_counter() - started
             sample.rss_kb = peak_rss_kb(proc.pid)
-            reply = "200 result=-1"
             answered = time.perf_counter()
-        elif line.startswith("GET FULL VARIABLE \"${CHANNEL(state)}"):
-            reply = f"200 result=1 (Ring|0.000000|{uid})"
-        elif line.startswith("GET FULL VARIABLE"):
-            reply = "200 result=1 (ANSWER|61000|61|61.000000|SIP/trunk-1)"
-        else:
-            if line.startswith("SET VARIABLE ASTBILL_STATUS"):
-                status = line.split('"')[1]
-            reply = "200 result=1"
+        reply, set_status = reply_to(line, uid)
+        status = set_status or status
         proc.stdin.write(reply.encode() + b"\n")
         proc.stdin.flush()
     proc.wait()
@@ -127,15 +134,8 @@ def fastagi_call(port, account, number):
         line = raw.decode()
         if line.startswith("EXEC Dial"):
             authorize = time.perf_counter() - started
-            reply = "200 result=-1"
-        elif line.startswith("GET FULL VARIABLE \"${CHANNEL(state)}"):
-            reply = f"200 result=1 (Ring|0.000000|{uid})"
-        elif line.startswith("GET FULL VARIABLE"):
-            reply = "200 result=1 (ANSWER|61000|61|61.000000|SIP/trunk-1)"
-        else:
-            if line.startswith("SET VARIABLE ASTBILL_STATUS"):
-                status = line.split('"')[1]
-            reply = "200 result=1"
+        reply, set_status = reply_to(line, uid)
+        status = set_status or status
         sock.sendall(reply.encode() + b"\n")
     sock.close()
     return (authorize if authorize is not None else time.perf_counter() - started), status

@@ -524,7 +524,21 @@ class CallHandle:
 
     def __init__(self, cmd: list, scenario: Scenario, env_block: dict,
                  proc_env: dict | None, timeout: float):
-        self.cmd = list(cmd)
+        self._begin(list(cmd), scenario, env_block, timeout)
+        # close_fds (the default) keeps other calls' pipes out of this child,
+        # so closing ours really gives it EOF/EPIPE.
+        self._proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, env=proc_env)
+        self.pid = self._proc.pid
+        self._peer = threading.Thread(target=self._serve, name=f"agipeer-{self.pid}", daemon=True)
+        self._stderr_reader = threading.Thread(target=self._read_stderr,
+                                               name=f"agipeer-stderr-{self.pid}", daemon=True)
+        self._peer.start()
+        self._stderr_reader.start()
+
+    def _begin(self, cmd, scenario, env_block, timeout):
+        """The state of a call about to start, whatever carries it."""
+        self.cmd = cmd
         self.scenario = scenario
         self.env_block = dict(env_block)
         self.timeout = timeout
@@ -539,16 +553,6 @@ class CallHandle:
         self._dial_args = None
         self._stderr_chunks = []
         self._result = None
-        # close_fds (the default) keeps other calls' pipes out of this child,
-        # so closing ours really gives it EOF/EPIPE.
-        self._proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, env=proc_env)
-        self.pid = self._proc.pid
-        self._peer = threading.Thread(target=self._serve, name=f"agipeer-{self.pid}", daemon=True)
-        self._stderr_reader = threading.Thread(target=self._read_stderr,
-                                               name=f"agipeer-stderr-{self.pid}", daemon=True)
-        self._peer.start()
-        self._stderr_reader.start()
 
     # -- waiting --------------------------------------------------------------
 
@@ -614,13 +618,16 @@ class CallHandle:
 
     # -- the dialogue ---------------------------------------------------------
 
-    def _serve(self):
+    def _send_env(self):
         # An empty value keeps its space: "agi_accountcode: " (every recording).
         env_lines = [f"{key}: {value}" for key, value in self.env_block.items()] + [""]
         for line in env_lines:
             self._dialogue.append(("AST", line))
         self._write("".join(line + "\n" for line in env_lines))
         self._clock = time.monotonic()
+
+    def _serve(self):
+        self._send_env()
         while not self._pipes_closed:
             raw = self._proc.stdout.readline()
             if not raw:
@@ -809,21 +816,7 @@ class SocketCallHandle(CallHandle):
     def __init__(self, address, scenario: Scenario, env_block: dict, timeout: float):
         if scenario.kill_after_dial_sent:
             raise ValueError("over FastAGI, kill the server itself")
-        self.cmd = [f"agi://{address[0]}:{address[1]}"]
-        self.scenario = scenario
-        self.env_block = dict(env_block)
-        self.timeout = timeout
-        self.dial_reached = threading.Event()
-        self._deadline = time.monotonic() + timeout
-        self._abort = threading.Event()
-        self._channel = _Channel(scenario, self.env_block)
-        self._hangup_pending = False
-        self._pipes_closed = False
-        self._dialogue, self._commands, self._verbose = [], [], []
-        self._variables_set = {}
-        self._dial_args = None
-        self._stderr_chunks = []
-        self._result = None
+        self._begin([f"agi://{address[0]}:{address[1]}"], scenario, env_block, timeout)
         self.server_closed = False
         import socket
         self._sock = socket.create_connection(address, timeout=10)
@@ -859,11 +852,7 @@ class SocketCallHandle(CallHandle):
         self._sock.close()
 
     def _serve_socket(self):
-        env_lines = [f"{key}: {value}" for key, value in self.env_block.items()] + [""]
-        for line in env_lines:
-            self._dialogue.append(("AST", line))
-        self._write("".join(line + "\n" for line in env_lines))
-        self._clock = time.monotonic()
+        self._send_env()
         while not self._pipes_closed:
             try:
                 raw = self._rfile.readline()

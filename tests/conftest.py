@@ -10,6 +10,7 @@ import itertools
 import os
 import subprocess
 import sys
+import threading
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -215,6 +216,30 @@ def start_held_call(billing, gate, number="4912345678", account="1001", **scenar
                         block, billing.env, 60)
     handle.uniqueid = block["agi_uniqueid"]
     return handle
+
+
+class OverdraftWatch:
+    """Reads every account, over and over, until ``stop()``: which returns
+    each (account, balance, reserved) seen with more reserved than its
+    balance -- at no moment may that happen."""
+
+    def __init__(self, billing):
+        self.billing, self.overdrawn, self._stop = billing, [], threading.Event()
+        self._thread = threading.Thread(target=self._watch)
+        self._thread.start()
+
+    def _watch(self):
+        store = self.billing.store()
+        while not self._stop.is_set():
+            for account, _, balance, reserved, *_ in store.read(lambda tx: tx.accounts()):
+                if reserved > balance:
+                    self.overdrawn.append((account, balance, reserved))
+        store.close()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+        return self.overdrawn
 
 
 class AccountLock:

@@ -11,7 +11,7 @@ import pytest
 
 from agipeer import Scenario
 from astbill.config import load
-from conftest import AccountLock, invariants, place_call, start_held_call
+from conftest import AccountLock, OverdraftWatch, invariants, place_call, start_held_call
 
 D10 = {"1001": Decimal("10")}
 
@@ -136,25 +136,11 @@ def test_fifty_concurrent_calls_never_overspend(tariff):
     gate = threading.Event()
     calls = [start_held_call(tariff, gate, account=a, answered_ms=30_000 + 3_000 * i)
              for i, a in enumerate(accounts)]
-    overdrawn = []
-    stop = threading.Event()
-
-    def watch():  # at no moment may reservations exceed a balance
-        store = tariff.store()
-        while not stop.is_set():
-            for account, _, balance, reserved, *_ in store.read(lambda tx: tx.accounts()):
-                if reserved > balance:
-                    overdrawn.append((account, balance, reserved))
-        store.close()
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
+    watch = OverdraftWatch(tariff)
     time.sleep(5)                # let every call reach its Dial or be refused
     gate.set()
     results = [c.wait() for c in calls]
-    stop.set()
-    watcher.join()
-    assert overdrawn == []
+    assert watch.stop() == []
     statuses = [r.variables_set.get("ASTBILL_STATUS") for r in results]
     assert set(statuses) <= {"OK", "NOFUNDS"}, [r.dialogue_text() for r in results if
                                                 r.variables_set.get("ASTBILL_STATUS") not in ("OK", "NOFUNDS")][:1]

@@ -13,7 +13,7 @@ from decimal import Decimal
 import pytest
 
 from agipeer import Scenario, fastagi_env, run_fastagi_call, start_fastagi_call
-from conftest import ROOT, invariants
+from conftest import ROOT, OverdraftWatch, invariants
 from test_failures import take_database_down, unreachable
 
 SERVER = str(ROOT / "astbill-fastagi")
@@ -307,27 +307,14 @@ def test_a_hundred_simultaneous_calls_never_overspend(tariff, server):
     gate = threading.Event()
     calls = [server.start(Scenario(dial_gate=gate, answered_ms=30_000 + 300 * i), account="pool")
              for i in range(100)]
-    overdrawn, stop = [], threading.Event()
-
-    def watch():
-        store = tariff.store()
-        while not stop.is_set():
-            for account, _, balance, reserved, *_ in store.read(lambda tx: tx.accounts()):
-                if reserved > balance:
-                    overdrawn.append((account, balance, reserved))
-        store.close()
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
+    watch = OverdraftWatch(tariff)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not all(c.dial_reached.is_set() or c.finished
                                                   for c in calls):
         time.sleep(0.1)
     gate.set()
     results = [c.wait() for c in calls]
-    stop.set()
-    watcher.join()
-    assert overdrawn == []
+    assert watch.stop() == []
     statuses = [r.variables_set.get("ASTBILL_STATUS") for r in results]
     assert set(statuses) <= {"OK", "NOFUNDS"}, statuses
     assert statuses.count("OK") >= 10 and statuses.count("NOFUNDS") >= 10
