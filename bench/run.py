@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from astbill.config import load  # noqa: E402
 from astbill.store import open_store  # noqa: E402
+from astbill.store.schema import migrate  # noqa: E402
 
 PY = sys.executable
 ASTBILL = str(ROOT / "astbill.py")
@@ -264,7 +265,7 @@ def prepare_routed(workdir, database, label, prefixes):
 def new_database(workdir, database, label):
     config = write_config(workdir, database, label)
     store = open_store(dict(load(str(config)), create_database=True))
-    store.migrate()
+    migrate(store)
     store.close()
     return config
 

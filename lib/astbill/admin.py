@@ -297,7 +297,8 @@ def how_many(text):
 # -- commands ------------------------------------------------------------------
 
 def init_db(store, settings, args):
-    before, after = store.migrate()
+    from .store.schema import migrate
+    before, after = migrate(store)
     if before == after:
         print(f"schema ready (version {after})")
     elif before == 0:

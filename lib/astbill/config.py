@@ -288,9 +288,3 @@ def _write_cache(cache, stamp, settings):
             os.unlink(tmp)
         except OSError:
             pass
-
-
-def dial_string(settings, tariff, number):
-    """The whole Dial string for ``number``: the tariff's template, else the default."""
-    template = settings["tariffs"].get(tariff, {}).get("dial") or settings["dial"]
-    return template.format(number=number)

@@ -15,7 +15,6 @@ sweep) changes nothing the second time.
 import os
 import time
 
-from .config import dial_string
 from .money import D
 from .rating import Clock, Plan, Rate, prefixes_of
 from .rating.routes import Route, order_routes, usable_routes
@@ -568,6 +567,12 @@ def route_decks(routes):
     ' 12 15 ' (so that ' 12 ' finds one), or None without trunks."""
     decks = [str(r.deck) for r in routes or () if r.deck]
     return f" {' '.join(decks)} " if decks else None
+
+
+def dial_string(settings, tariff, number):
+    """The whole Dial string for ``number``: the tariff's template, else the default."""
+    template = settings["tariffs"].get(tariff, {}).get("dial") or settings["dial"]
+    return template.format(number=number)
 
 
 def rate_columns(rate):

@@ -214,11 +214,6 @@ class Store:
         return StoreError(f"{self.where()}: {text}")
 
     # -- the schema ----------------------------------------------------------
-    def migrate(self):
-        """Create or upgrade the schema; (version before, version after)."""
-        from .schema import migrate
-        return migrate(self)
-
     def schema_words(self):
         """What the schema's steps fill in: the dialect's words."""
         return self.dialect
