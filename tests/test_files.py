@@ -18,7 +18,7 @@ import pytest
 
 import debian
 from agipeer import Scenario, agi_env, run_call
-from astbill import recovery
+from astbill import ledger, recovery
 from astbill.ledger import CallRecord
 from conftest import RATES, Billing
 
@@ -62,7 +62,7 @@ def test_the_spool_and_its_records_are_for_the_owner_alone(tmp_path, umask_zero)
     settings = {"spool_dir": str(spool), "spool_fallback_dir": ""}
     call = CallRecord(uniqueid="1700000000.1", account="1001", dialstatus="ANSWER",
                       talk_ms=61_000, ended=1700000061)
-    outcome = recovery.spool(settings, call, "the database is down")
+    outcome = ledger.spool(settings, call, "the database is down")
     record = spool / "1700000000.1.call"
     assert outcome.how == "spooled" and record.exists()
     lock = recovery.open_lock(settings, 0)

@@ -571,7 +571,7 @@ def test_a_let_through_calls_end_spooled_while_the_replay_settles_its_claim_is_n
     def ending_meanwhile(store, call, settings_, policy=None):
         if policy is not None:
             claim.end("ANSWER", 61_000)
-            recovery.spool(settings, claim, StoreError("the database is busy"))
+            ledger.spool(settings, claim, StoreError("the database is busy"))
         return bill_late(store, call, settings_, policy)
 
     monkeypatch.setattr(ledger, "bill_late", ending_meanwhile)

@@ -4,7 +4,8 @@ Two doors for the call flow: ``authorize`` before the Dial and ``settle``
 after it.  Each opens its own storage session (none stays open while the
 call is up), retries where retrying is right -- here and nowhere else --
 and turns every failure into a named outcome.  When the database will not
-take a settlement, the ledger hands it to the spool itself (``recovery``).
+take a settlement, the ledger keeps it in the spool itself (the files are
+``store.spool``'s; the replay is ``recovery``'s).
 
 Authorization locks the account row, so concurrent calls on one account
 reserve one after the other and never spend more than the balance.
@@ -19,6 +20,8 @@ from .money import D
 from .rating import Clock, Plan, Rate, prefixes_of
 from .rating.routes import Route, order_routes, usable_routes
 from .store import Busy, Conflict, StoreError, open_store
+from .store.spool import (BAD, CLAIM_LOCK, LEGACY, ensure_dir, holds, read_json, records,
+                          spool_dirs, write)
 
 OK, NOFUNDS, NORATE, NOROUTE, MAXCALLS, NOACCOUNT, INVALID, ERROR = (
     "OK", "NOFUNDS", "NORATE", "NOROUTE", "MAXCALLS", "NOACCOUNT", "INVALID", "ERROR")
@@ -169,7 +172,6 @@ def authorize(settings, call):
     A busy account (lock wait, or deadlocks that kept coming) is refused
     even with on_db_error: allow -- it is not an outage.
     """
-    from .recovery import holds
     if holds(settings, call.uniqueid):  # its settlement waits for the database
         return Grant("refused", ERROR, reason=f"call {call.uniqueid} was let through already")
     try:
@@ -196,8 +198,7 @@ def release_in_doubt(settings, call):
     except UnknownCall:
         return "it had not committed"
     except StoreError as exc:
-        from . import recovery
-        return recovery.spool(settings, call, exc).reason
+        return spool(settings, call, exc).reason
     return "it had committed and is released"
 
 
@@ -216,8 +217,7 @@ def settle(settings, call):
     try:
         return attempt(settings, work, SETTLE_TRIES, settling=True)
     except (StoreError, UnknownCall) as exc:
-        from . import recovery
-        return recovery.spool(settings, call, exc)
+        return spool(settings, call, exc)
 
 
 def attempt(settings, work, tries, settling=False):
@@ -258,15 +258,14 @@ def let_through(settings, call, outage):
     """on_db_error: allow -- a short call now, billed when the database is
     back.  The spool must hold the call first, so that it will be billed;
     it also refuses a uniqueid it holds already."""
-    from . import recovery
     call.late = True
     call.max_secs = settings["db_error_allow_secs"]
     call.dial = dial_string(settings, None, call.number)
     try:
-        recovery.claim(settings, call)
+        claim(settings, call)
     except FileExistsError:
         return Grant("refused", ERROR, reason=f"call {call.uniqueid} was let through already")
-    except recovery.TooManyCalls:
+    except TooManyCalls:
         return Grant("refused", MAXCALLS, reason=f"{outage}; account {call.account} has"
                      f" {settings['db_error_max_calls']} calls let through already (db_error_max_calls)")
     except OSError as exc:
@@ -643,3 +642,110 @@ def note_lock_wait(call, seconds):
     if path:
         with open(path, "a", encoding="ascii") as f:
             f.write(f"{call.uniqueid} {seconds * 1000:.3f}\n")
+
+
+# -- the spool: where the ledger keeps what the database could not take ---------
+
+class TooManyCalls(Exception):
+    """The account has db_error_max_calls calls let through and still up."""
+
+
+def claim(settings, call):
+    """Hold a call let through an outage before it is dialled.  A uniqueid
+    held already (by either spool) raises FileExistsError; an account with
+    db_error_max_calls let-through calls up on this box, TooManyCalls.
+    Counted and claimed under one lock, so calls at once cannot both pass."""
+    import fcntl
+    directory = ensure_dir(settings["spool_dir"])
+    fd = os.open(os.path.join(directory, CLAIM_LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if holds(settings, call.uniqueid):
+            raise FileExistsError(call.uniqueid)
+        if let_through_up(settings, call.account) >= settings["db_error_max_calls"]:
+            raise TooManyCalls(call.account)
+        write(directory, call)
+    finally:
+        os.close(fd)
+
+
+def let_through_up(settings, account):
+    """How many of ``account``'s calls let through an outage may still be
+    up on this box: their claims, not yet ended nor overdue."""
+    up = 0
+    for paths in records(settings).values():
+        calls = []
+        for path in paths:
+            if path.endswith(BAD):
+                continue
+            try:
+                calls.append(read_record(path))
+            except (OSError, ValueError):
+                continue
+        if any(c.ended for c in calls):
+            continue  # its end is spooled beside its claim
+        up += any(c.late and c.account == account and not overdue_claim(c, settings)
+                  for c in calls)
+    return up
+
+
+def overdue_claim(call, settings):
+    """A let-through call that must be over, by this box's clock (the one
+    that wrote the claim)."""
+    limit = call.max_secs + settings["ring_timeout"] + settings["sweep_grace_secs"]
+    return time.time() - call.started > limit
+
+
+def spool(settings, call, failure):
+    """Keep an ended call the database did not take: a Settlement saying
+    where it went.  Tried in the spool, then in the fallback spool."""
+    import json
+    problems = []
+    for directory in spool_dirs(settings):
+        try:
+            # Always a new file, never written over another -- not even over
+            # the call's own claim, which a replay may be settling by policy
+            # this moment (and would then remove, with the call's real end).
+            path = write(ensure_dir(directory), call)
+        except OSError as exc:
+            problems.append(f"{directory}: {exc.strerror or exc}")
+            continue
+        return Settlement("spooled", reason=f"settlement spooled to {path}: {failure}")
+    return Settlement("unrecorded", reason=f"settlement NOT recorded, spool failed"
+                                           f" ({'; '.join(problems)}): {failure}:"
+                                           f" {json.dumps(call.as_dict(), sort_keys=True)}")
+
+
+def read_record(path):
+    """The CallRecord in the spool file ``path``; ValueError if it is not one."""
+    data = read_json(path)
+    return CallRecord.from_dict(from_first_release(data) if path.endswith(LEGACY) else data)
+
+
+def from_first_release(data):
+    """A first-release spool record in CallRecord's fields (then checked as
+    any), or ValueError: every part is checked before it is used."""
+    if not isinstance(data, dict) or not {"uniqueid", "dialstatus", "talk_ms", "duration",
+                                           "dstchannel", "end", "late"} <= set(data):
+        raise ValueError("not a first-release spool record")
+    record = {name: kind() for name, kind in CallRecord.FIELDS.items()}
+    record.update(uniqueid=data["uniqueid"], dialstatus=data["dialstatus"],
+                  talk_ms=data["talk_ms"], duration=data["duration"],
+                  dstchannel=data["dstchannel"], ended=data["end"])
+    late = data["late"]
+    if late is None or late is False:
+        return record
+    # Let through an outage: all that billing it takes.
+    if not isinstance(late, dict) or not {"account", "number", "started", "max_secs"} <= set(late):
+        raise ValueError("not a first-release spool record: late must hold the call")
+    cdr = late.get("cdr", {})
+    started = late["started"]   # the first release wrote time.time(), a float
+    if (not isinstance(cdr, dict) or type(started) not in (int, float)
+            or not 0 <= started < 2 ** 40):
+        raise ValueError("not a first-release spool record: bad late call")
+    record.update(late=True, account=late["account"], number=late["number"],
+                  started=int(started), max_secs=late["max_secs"],
+                  dial=cdr.get("lastdata", ""),
+                  **{k: cdr.get(k, "") for k in ("clid", "src", "dcontext", "channel",
+                                                 "accountcode", "linkedid")})
+    return record

@@ -1,21 +1,9 @@
-"""Recovery and the books: the spool, the sweep and the audit.
+"""Recovery and the books: the replay, the sweep and the audit.
 
-The spool holds calls the database could not take: one file per call
-(``UNIQUEID.call``, a CallRecord in JSON), written whole and fsync'd before
-it is linked into place, so a record is complete or absent, and never
-written over another call's.  A call let through a database outage is
-claimed there before it is dialled; its end, when the database cannot
-take it, is a record beside the claim.
-When the spool directory cannot be written, the fallback spool (by default
-/run/astbill: memory, another filesystem, made at boot for AstBill's user)
-takes the record; when neither can, Asterisk's log gets the whole record.
-
-What the spool holds decides what calls cost, so a spool is trusted only
-when no one else can write to it: a real directory (no symbolic link)
-owned by AstBill's own user and writable by nobody else.  Any other is
-refused -- never read, never written -- and the audit names it.  Inside a
-trusted spool, only regular files owned by that user are read, opened
-without following links or blocking on a FIFO.
+The spool (``store.spool``: its files and their trust; the ledger writes
+them) holds calls the database could not take.  A spool that someone other
+than AstBill's user could write is refused -- never read, never written --
+and the audit names it.
 
 The replay settles spooled calls through the normal, idempotent
 settlement and only then removes their files.  A record that cannot be
@@ -25,26 +13,18 @@ calls that must be over -- from Asterisk's own CDR when it knows the call,
 else by policy -- but never one whose real settlement waits in the spool,
 and it compares times on the database's clock alone.
 """
-import _thread
 import os
-import stat
 import time
 
 from . import ledger
-from .ledger import CallRecord, Settlement, UnknownCall, answer_window, epoch, timestamp
+from .ledger import (CallRecord, UnknownCall, answer_window, epoch, overdue_claim, read_record,
+                     timestamp)
 from .money import fmt
 from .store import Busy, StoreError
+from .store.spool import BAD, ensure_dir, holds, records, remove, scan, spool_dirs, trusted
 
-SUFFIX = ".call"
-LEGACY = ".settle"   # the first release's spool files, replayed the same way
-REPEAT = "~"   # UNIQUEID~N.call: a second record of one call (never in a uniqueid)
-BAD = ".bad"
 LOCK = ".replay.lock"
-CLAIM_LOCK = ".claim.lock"
 REPLAY_WAIT_SECS = 10
-ENDINGS = (SUFFIX, SUFFIX + BAD, LEGACY, LEGACY + BAD)
-# A record is a few hundred bytes; anything much larger is not one.
-MAX_RECORD = 65536
 
 
 class Replay:
@@ -56,261 +36,7 @@ class Replay:
         self.held = set()  # uniqueids still in the spool: never swept by policy
 
 
-# -- writing -------------------------------------------------------------------
-
-class UnsafeSpool(OSError):
-    """A spool directory that someone other than AstBill's user could write."""
-
-
-def spool_dirs(settings):
-    return [d for d in (settings["spool_dir"], settings["spool_fallback_dir"]) if d]
-
-
-def trusted(directory):
-    """``directory`` if it exists and may be used as a spool, None if it
-    does not exist; UnsafeSpool, naming the fix, if anyone but this user
-    could change what it holds."""
-    try:
-        st = os.lstat(directory)
-    except FileNotFoundError:
-        return None
-    uid = os.geteuid()
-    if stat.S_ISLNK(st.st_mode):
-        raise UnsafeSpool(f"spool {directory} is a symbolic link: set the real directory"
-                          " in the config")
-    if not stat.S_ISDIR(st.st_mode):
-        raise UnsafeSpool(f"spool {directory} is not a directory")
-    if st.st_uid != uid:
-        raise UnsafeSpool(f"spool {directory} belongs to uid {st.st_uid}, not to AstBill's"
-                          f" uid {uid}: remove it, or chown it to uid {uid} and chmod 700 it")
-    if st.st_mode & 0o022:
-        raise UnsafeSpool(f"spool {directory} is writable by others (mode"
-                          f" {stat.S_IMODE(st.st_mode):o}): chmod 700 it")
-    return directory
-
-
-def readable_dirs(settings):
-    """The spools that exist and are trusted: the only ones ever read."""
-    found = []
-    for directory in spool_dirs(settings):
-        try:
-            if trusted(directory):
-                found.append(directory)
-        except OSError:
-            continue
-    return found
-
-
-def ensure_dir(path):
-    """The spool directory, made (0700) if missing, and trusted."""
-    if trusted(path) is None:
-        try:
-            os.makedirs(path, mode=0o700)
-        except FileExistsError:
-            pass  # made meanwhile, by another call or by someone else: checked next
-        if trusted(path) is None:
-            raise FileNotFoundError(f"spool {path} vanished")
-    return path
-
-
-class TooManyCalls(Exception):
-    """The account has db_error_max_calls calls let through and still up."""
-
-
-def claim(settings, call):
-    """Hold a call let through an outage before it is dialled.  A uniqueid
-    held already (by either spool) raises FileExistsError; an account with
-    db_error_max_calls let-through calls up on this box, TooManyCalls.
-    Counted and claimed under one lock, so calls at once cannot both pass."""
-    import fcntl
-    directory = ensure_dir(settings["spool_dir"])
-    fd = os.open(os.path.join(directory, CLAIM_LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        if holds(settings, call.uniqueid):
-            raise FileExistsError(call.uniqueid)
-        if let_through_up(settings, call.account) >= settings["db_error_max_calls"]:
-            raise TooManyCalls(call.account)
-        write(directory, call)
-    finally:
-        os.close(fd)
-
-
-def let_through_up(settings, account):
-    """How many of ``account``'s calls let through an outage may still be
-    up on this box: their claims, not yet ended nor overdue."""
-    up = 0
-    for paths in records(settings).values():
-        calls = []
-        for path in paths:
-            if path.endswith(BAD):
-                continue
-            try:
-                calls.append(read(path))
-            except (OSError, ValueError):
-                continue
-        if any(c.ended for c in calls):
-            continue  # its end is spooled beside its claim
-        up += any(c.late and c.account == account and not overdue_claim(c, settings)
-                  for c in calls)
-    return up
-
-
-def spool(settings, call, failure):
-    """Keep an ended call the database did not take: a Settlement saying
-    where it went.  Tried in the spool, then in the fallback spool."""
-    import json
-    problems = []
-    for directory in spool_dirs(settings):
-        try:
-            # Always a new file, never written over another -- not even over
-            # the call's own claim, which a replay may be settling by policy
-            # this moment (and would then remove, with the call's real end).
-            path = write(ensure_dir(directory), call)
-        except OSError as exc:
-            problems.append(f"{directory}: {exc.strerror or exc}")
-            continue
-        return Settlement("spooled", reason=f"settlement spooled to {path}: {failure}")
-    return Settlement("unrecorded", reason=f"settlement NOT recorded, spool failed"
-                                           f" ({'; '.join(problems)}): {failure}:"
-                                           f" {json.dumps(call.as_dict(), sort_keys=True)}")
-
-
-def write(directory, call):
-    """Write ``call``'s record durably, never over another record; the path
-    it took."""
-    import json
-    final = os.path.join(directory, call.uniqueid + SUFFIX)
-    # One name per process and thread (astbill-fastagi settles calls in threads).
-    tmp = f"{final}.{os.getpid()}.{_thread.get_ident()}.tmp"
-    remove(tmp)  # left by a process of this pid that died writing
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, json.dumps(call.as_dict()).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        for n in range(100):
-            # A second record of one uniqueid (a call's end beside its
-            # claim, or a repeat) gets a name of its own; the replay reads
-            # them together.
-            name = final if n == 0 else os.path.join(
-                directory, f"{call.uniqueid}{REPEAT}{n}{SUFFIX}")
-            try:
-                os.link(tmp, name, follow_symlinks=False)
-                final = name
-                break
-            except FileExistsError:
-                if n == 0 and not call.ended:  # a claim: the uniqueid is taken
-                    raise
-        else:
-            raise FileExistsError(final)
-    finally:
-        remove(tmp)
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return final
-
-
-def is_record(path):
-    """A regular file of this user's, looked at without following a link."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
-
-
-def holds(settings, uniqueid):
-    """Does a trusted spool hold a record of this call (of this release or
-    the first, set aside or not)?"""
-    return any(is_record(os.path.join(directory, uniqueid + ending))
-               for directory in readable_dirs(settings) for ending in ENDINGS)
-
-
-# -- reading and replaying --------------------------------------------------------
-
-def records(settings):
-    """{uniqueid: [paths]} of every spooled record in the trusted spools."""
-    return scan(settings)[0]
-
-
-def scan(settings):
-    """({uniqueid: [paths]} of the records in the trusted spools, [paths of
-    entries named like records that are not: FIFOs, links, directories,
-    other users' files]) -- those are never opened."""
-    found, strays = {}, []
-    for directory in readable_dirs(settings):
-        try:
-            names = sorted(os.listdir(directory))
-        except OSError:
-            continue
-        for name in names:
-            ending = next((e for e in ENDINGS if name.endswith(e)), None)
-            if ending is None:
-                continue
-            path = os.path.join(directory, name)
-            if not is_record(path):
-                strays.append(path)
-                continue
-            uniqueid = name[:-len(ending)].split(REPEAT)[0]
-            found.setdefault(uniqueid, []).append(path)
-    return found, strays
-
-
-def read(path):
-    """The CallRecord in ``path``; ValueError if it is not one."""
-    import json
-    # No link followed, no wait on a FIFO swapped in since the scan.
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-            raise ValueError("not a regular file of AstBill's user")
-        text = os.read(fd, MAX_RECORD + 1)
-    finally:
-        os.close(fd)
-    if len(text) > MAX_RECORD:
-        raise ValueError(f"larger than {MAX_RECORD} bytes")
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8; nesting too deep
-        raise ValueError(f"not JSON: {type(exc).__name__}") from None
-    return CallRecord.from_dict(from_first_release(data) if path.endswith(LEGACY) else data)
-
-
-def from_first_release(data):
-    """A first-release spool record in CallRecord's fields (then checked as
-    any), or ValueError: every part is checked before it is used."""
-    if not isinstance(data, dict) or not {"uniqueid", "dialstatus", "talk_ms", "duration",
-                                           "dstchannel", "end", "late"} <= set(data):
-        raise ValueError("not a first-release spool record")
-    record = {name: kind() for name, kind in CallRecord.FIELDS.items()}
-    record.update(uniqueid=data["uniqueid"], dialstatus=data["dialstatus"],
-                  talk_ms=data["talk_ms"], duration=data["duration"],
-                  dstchannel=data["dstchannel"], ended=data["end"])
-    late = data["late"]
-    if late is None or late is False:
-        return record
-    # Let through an outage: all that billing it takes.
-    if not isinstance(late, dict) or not {"account", "number", "started", "max_secs"} <= set(late):
-        raise ValueError("not a first-release spool record: late must hold the call")
-    cdr = late.get("cdr", {})
-    started = late["started"]   # the first release wrote time.time(), a float
-    if (not isinstance(cdr, dict) or type(started) not in (int, float)
-            or not 0 <= started < 2 ** 40):
-        raise ValueError("not a first-release spool record: bad late call")
-    record.update(late=True, account=late["account"], number=late["number"],
-                  started=int(started), max_secs=late["max_secs"],
-                  dial=cdr.get("lastdata", ""),
-                  **{k: cdr.get(k, "") for k in ("clid", "src", "dcontext", "channel",
-                                                 "accountcode", "linkedid")})
-    return record
-
+# -- replaying --------------------------------------------------------------------
 
 def pending(settings):
     """Is anything waiting in either spool?"""
@@ -366,7 +92,7 @@ def replay_one(settings, store, paths, report):
         if path.endswith(BAD):
             return False
         try:
-            call = read(path)
+            call = read_record(path)
             if not (call.ended or call.late):
                 raise ValueError("an unfinished record of a call not let through")
         except (OSError, ValueError) as exc:
@@ -404,13 +130,6 @@ def replay_one(settings, store, paths, report):
         remove(path)
     report.settled += 1
     return True
-
-
-def overdue_claim(call, settings):
-    """A let-through call that must be over, by this box's clock (the one
-    that wrote the claim)."""
-    limit = call.max_secs + settings["ring_timeout"] + settings["sweep_grace_secs"]
-    return time.time() - call.started > limit
 
 
 def replay_after_call(settings):
@@ -452,13 +171,6 @@ def open_lock(settings, wait_secs):
                 lock.close()
                 return None
             time.sleep(0.1)
-
-
-def remove(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def set_aside(path, why, report=None):
@@ -615,7 +327,7 @@ def waiting(path, settings):
     """Does this record wait for the database?  Every settlement does; the
     claim of a call let through an outage only once that call must be over."""
     try:
-        call = read(path)
+        call = read_record(path)
     except (OSError, ValueError):
         return True  # the replay will set it aside
     return bool(call.ended) or overdue_claim(call, settings)
