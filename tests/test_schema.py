@@ -16,7 +16,7 @@ from conftest import RATES, Billing, fresh_database, invariants, place_call
 
 RELEASE_1 = Path(__file__).resolve().parent / "fixtures" / "release-1"
 TABLES = ("astaccount", "astrate", "astcreditres", "astcdr", "astledger")
-COLUMNS_ADDED = {"astaccount": 2, "astcdr": 5}   # since the first release
+COLUMNS_ADDED = {"astaccount": 2, "astcdr": 5, "astledger": 1}   # since the first release
 
 
 @pytest.fixture(params=["sqlite", "mariadb"])

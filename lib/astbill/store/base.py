@@ -174,11 +174,11 @@ class Store:
 
     CDR_PAGE = 500
 
-    def each_cdr(self, account=None, since=None, until=None, limit=None):
+    def each_cdr(self, account=None, since=None, until=None, limit=None, after=None):
         """Every CDR ``Tx.cdrs`` would return, read a page at a time: memory
         stays the same however many there are, and no statement stays open
         between pages, so a slow reader (a pager) holds nothing on the server."""
-        after, left = None, limit
+        left = limit
         while left is None or left > 0:
             size = self.CDR_PAGE if left is None else min(self.CDR_PAGE, left)
             page = self.read(lambda tx: tx.cdrs(account, since, until, after, size))
@@ -373,9 +373,11 @@ class Tx:
         """Delete the call's reservation; False if another settlement did."""
         return self.run("DELETE FROM astcreditres WHERE uniqueid = ?", (uniqueid,)).rowcount == 1
 
-    def change_balance(self, account, amount, kind, uniqueid, now, release=None):
-        """Add ``amount`` (negative for a charge) with its ledger row, and
-        drop ``release`` (a settled call's reservation) from ``reserved``."""
+    def change_balance(self, account, amount, kind, uniqueid, now, release=None, actor=None):
+        """Add ``amount`` (negative for a charge) with its ledger row, which
+        names the ``actor`` who made the change (a user or a token; none for
+        a call), and drop ``release`` (a settled call's reservation) from
+        ``reserved``."""
         m = self.store.money_in(amount)
         changed = self.run("UPDATE astaccount SET balance = balance + ?, reserved = reserved - ?"
                            " WHERE account = ?",
@@ -383,8 +385,8 @@ class Tx:
         if changed != 1:
             raise NotFound(f"no account {account}")
         if amount:
-            self.run("INSERT INTO astledger (account, amount, kind, uniqueid, created)"
-                     " VALUES (?, ?, ?, ?, ?)", (account, m, kind, uniqueid, now))
+            self.run("INSERT INTO astledger (account, amount, kind, uniqueid, created, actor)"
+                     " VALUES (?, ?, ?, ?, ?, ?)", (account, m, kind, uniqueid, now, actor))
 
     def close_cdr(self, uniqueid, fields, again=False):
         """Complete an active CDR (``again``: rewrite one the sweep settled
@@ -398,12 +400,13 @@ class Tx:
                         (*fields.values(), uniqueid)).rowcount == 1
 
     # -- administration ------------------------------------------------------
-    def add_account(self, account, tariff, balance, now, credit_limit=D(0), max_calls=0):
+    def add_account(self, account, tariff, balance, now, credit_limit=D(0), max_calls=0,
+                    actor=None):
         self.run("INSERT INTO astaccount (account, tariff, balance, credit_limit, max_calls,"
                  " created) VALUES (?, ?, ?, ?, ?, ?)",
                  (account, tariff, self.store.money_in(D(0)), self.store.money_in(credit_limit),
                   max_calls, now))
-        self.change_balance(account, balance, "open", None, now)
+        self.change_balance(account, balance, "open", None, now, actor=actor)
 
     def set_account(self, account, changes):
         """Change ``changes`` ({tariff, credit_limit, max_calls}) of an account."""
@@ -414,18 +417,68 @@ class Tx:
                     (*changes.values(), account)).rowcount != 1:
             raise NotFound(f"no account {account!r}")
 
-    def accounts(self, account=None):
+    def accounts(self, account=None, search=None, after=None, limit=None):
         """[(account, tariff, balance, reserved, credit limit, call cap, live
-        calls)], one or all."""
-        where = " WHERE a.account = ?" if account is not None else ""
-        rows = self.all(
-            "SELECT a.account, a.tariff, a.balance, a.reserved, a.credit_limit, a.max_calls,"
-            " COUNT(r.uniqueid) FROM astaccount a"
-            f" LEFT JOIN astcreditres r ON r.account = a.account{where}"
-            " GROUP BY a.account, a.tariff, a.balance, a.reserved, a.credit_limit, a.max_calls"
-            " ORDER BY a.account", () if account is None else (account,))
+        calls)] by name: one, or those whose name contains ``search``, after
+        the name ``after``, ``limit`` at most."""
+        where, params = [], []
+        if account is not None:
+            where.append("a.account = ?")
+            params.append(account)
+        if search is not None:
+            where.append("INSTR(a.account, ?) > 0")   # no LIKE: % and _ are plain here
+            params.append(search)
+        if after is not None:
+            where.append("a.account > ?")
+            params.append(after)
+        sql = ("SELECT a.account, a.tariff, a.balance, a.reserved, a.credit_limit, a.max_calls,"
+               " COUNT(r.uniqueid) FROM astaccount a"
+               " LEFT JOIN astcreditres r ON r.account = a.account"
+               + (" WHERE " + " AND ".join(where) if where else "")
+               + " GROUP BY a.account, a.tariff, a.balance, a.reserved, a.credit_limit,"
+               " a.max_calls ORDER BY a.account")
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        rows = self.all(sql, tuple(params))
         m = self.store.money_out
         return [(r[0], r[1], m(r[2]), m(r[3]), m(r[4]), r[5], r[6]) for r in rows]
+
+    def idempotency(self, key):
+        """(fingerprint, result) of the request that used ``key``, or None."""
+        return self.one("SELECT fingerprint, result FROM astidempotency WHERE idem_key = ?",
+                        (key,))
+
+    def remember(self, key, account, fingerprint, result, now):
+        """Keep ``key``'s request and its result: Conflict if it is taken."""
+        self.run("INSERT INTO astidempotency (idem_key, account, fingerprint, result, created)"
+                 " VALUES (?, ?, ?, ?, ?)", (key, account, fingerprint, result, now))
+
+    # Staff users (``astuser``) and API tokens (``asttoken``): {table}, one
+    # of the two, and what is kept of the secret (a password's or a token's
+    # hash, never the secret itself).
+    SECRET = {"astuser": "password_hash", "asttoken": "token_hash"}
+
+    def add_holder(self, table, name, role, secret_hash, now):
+        self.run(f"INSERT INTO {table} (name, role, {self.SECRET[table]}, created)"
+                 " VALUES (?, ?, ?, ?)", (name, role, secret_hash, now))
+
+    def holders(self, table):
+        """[(name, role, created)] by name."""
+        return [(r[0], r[1], str(r[2])) for r in self.all(
+            f"SELECT name, role, created FROM {table} ORDER BY name")]
+
+    def remove_holder(self, table, name):
+        if self.run(f"DELETE FROM {table} WHERE name = ?", (name,)).rowcount != 1:
+            raise NotFound(f"no {table} {name!r}")
+
+    def user_secret(self, name):
+        """(role, password hash) of a staff user, or None."""
+        return self.one("SELECT role, password_hash FROM astuser WHERE name = ?", (name,))
+
+    def token_holder(self, token_hash):
+        """(name, role) of the token with that hash, or None."""
+        return self.one("SELECT name, role FROM asttoken WHERE token_hash = ?", (token_hash,))
 
     def has_deck(self, kind, name):
         return self.one("SELECT 1 FROM astdeck WHERE kind = ? AND name = ? LIMIT 1",

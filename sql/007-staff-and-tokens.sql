@@ -1,0 +1,41 @@
+-- Version 7: who may administer AstBill, and who did each change of a
+-- balance.  Staff users log in with a password (kept as a salted scrypt
+-- hash); programs (a shop, a script) call the HTTP API with a token (kept
+-- as its SHA-256: the token itself is shown once, when it is made).
+
+CREATE TABLE astuser (
+  name          VARCHAR(80)   NOT NULL,
+  role          VARCHAR(16)   NOT NULL,  -- admin, support
+  password_hash VARCHAR(255)  NOT NULL,  -- scrypt$N$r$p$salt$hash
+  created       {time}        NOT NULL,
+  PRIMARY KEY (name)
+) {table};
+
+CREATE TABLE asttoken (
+  name          VARCHAR(80)   NOT NULL,
+  role          VARCHAR(16)   NOT NULL,  -- admin, support, shop
+  token_hash    CHAR(64)      NOT NULL,  -- hex SHA-256 of the token
+  created       {time}        NOT NULL,
+  PRIMARY KEY (name)
+) {table};
+
+CREATE UNIQUE INDEX asttoken_hash ON asttoken (token_hash);
+
+-- A top-up or adjustment made with an Idempotency-Key: the same key again
+-- gets this result and changes nothing; another request with it is refused.
+CREATE TABLE astidempotency (
+  idem_key      VARCHAR(80)   NOT NULL,
+  account       VARCHAR(80)   NOT NULL,
+  fingerprint   CHAR(64)      NOT NULL,  -- SHA-256 of what was asked
+  result        TEXT          NOT NULL,  -- the answer given, JSON
+  created       {time}        NOT NULL,
+  PRIMARY KEY (idem_key)
+) {table};
+
+-- Keys match exactly, as account names do.
+--@ mysql
+ALTER TABLE astidempotency MODIFY idem_key VARCHAR(80) CHARACTER SET utf8mb4 COLLATE {exact} NOT NULL;
+
+-- Who made a change by hand: the user or token (NULL for calls, and for
+-- rows older than this step).
+ALTER TABLE astledger ADD COLUMN actor VARCHAR(80) NULL;
