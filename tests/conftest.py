@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "lib"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from astbill import admin  # noqa: E402
+from astbill.admin import cli as admin  # noqa: E402
 from astbill.config import load  # noqa: E402
 from astbill.store import open_store  # noqa: E402
 

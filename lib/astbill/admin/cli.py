@@ -1,12 +1,12 @@
 """astbill-admin: the operator's command line.
 
 Each command opens the configured database, calls one library function
-and prints the result: a table, JSON with --json, CSV with --csv where
-offered.  A refused command is one line on stderr and exit status 1, and
-changes nothing; a mistyped command line is one line and exit status 2.
-Listings are printed as they are read (CDRs a page
-at a time, in constant memory), so a database failing midway ends one with
-that line.
+(``actions``, or ``auth`` for users and tokens) and prints the result: a
+table, JSON with --json, CSV with --csv where offered.  A refused command
+is one line on stderr and exit status 1, and changes nothing; a mistyped
+command line is one line and exit status 2.  Listings are printed as they
+are read (CDRs a page at a time, in constant memory), so a database
+failing midway ends one with that line.
 """
 import argparse
 import csv
@@ -17,24 +17,14 @@ import stat
 import sys
 import textwrap
 
-from . import __version__, config, ledger, recovery
-from .ledger import AUTHORIZE_TRIES, attempt, timestamp
-from .money import D, MoneyError, fmt
-from .rating import normalize_destination
-from .rating.decks import (HEADER, PERIOD_HEADER, RatesError, checked_prefix, quote_cell,
-                           read_rates)
-from .rating.periods import format_days, format_hours
-from .store import Conflict, NotFound, StoreError, open_store
-from .store.base import Tx
+from .. import __version__, config
+from ..rating.decks import HEADER, PERIOD_HEADER
+from ..store import StoreError, open_store
+from . import actions, auth
+from .actions import ActionError
 
-
-ALWAYS = "1970-01-01 00:00:00"
 ADMIN_READ_TIMEOUT_SECS = 600
 PROG = "astbill-admin"
-
-
-class AdminError(Exception):
-    """A refused admin command; the message is the one line shown."""
 
 
 def main(argv=None):
@@ -50,17 +40,24 @@ def main(argv=None):
             args.run(store, settings, args)
         finally:
             store.close()
-    except (AdminError, config.ConfigError, StoreError, MoneyError) as exc:
-        sys.stderr.write(f"{PROG}: {' '.join(str(exc).split())}\n")
+    except ActionError as exc:
+        lines = exc.lines or [" ".join(str(exc).split())]
+        sys.stderr.write("".join(f"{PROG}: {line}\n" for line in lines))
         return 1
-    except RatesError as exc:
-        sys.stderr.write("".join(f"{PROG}: {e}\n" for e in exc.errors))
+    except (config.ConfigError, StoreError) as exc:
+        sys.stderr.write(f"{PROG}: {' '.join(str(exc).split())}\n")
         return 1
     except BrokenPipeError:
         # The reader went away (cdr | head): not worth a traceback at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return 0
+
+
+def actor():
+    """Who a change made here is recorded as: the operator's login."""
+    import pwd
+    return f"astbill-admin:{pwd.getpwuid(os.geteuid()).pw_name}"
 
 
 # -- the command line ------------------------------------------------------------
@@ -75,7 +72,7 @@ class Parser(argparse.ArgumentParser):
 def parser():
     p = Parser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
                description="AstBill's operator command line: accounts, top-ups, rates, trunks,"
-                           "\ncalls in progress, CDRs, sweep and audit.",
+                           "\ncalls in progress, CDRs, sweep and audit, API tokens and staff users.",
                epilog=examples_text([
                    "init-db", "rate import rates.csv --tariff default",
                    "account add 1001 --balance 20.00", "topup 1001 10",
@@ -99,6 +96,7 @@ def parser():
     rate_commands(commands, sub)
     trunk_commands(commands, sub)
     report_commands(commands, sub)
+    auth_commands(commands, sub)
     return p
 
 
@@ -276,6 +274,38 @@ def report_commands(commands, sub):
                  " and the spool; exit status 1 on any problem", ["audit", "audit --json"])
 
 
+def auth_commands(commands, sub):
+    token = commands.group(sub, "token", "add, list or remove the tokens programs call the"
+                           " HTTP API with (astbill-web)",
+                           ["token add shop-1 --role shop", "token list", "token remove shop-1"])
+    c = commands.add(token, "add", token_add, "make a token and print it, this once only",
+                     ["token add shop-1 --role shop", "token add ops --role admin --json"],
+                     about="Only its SHA-256 is kept: a token lost is removed and made again."
+                           "  A program sends it as 'Authorization: Bearer TOKEN'.")
+    c.add_argument("name", help="its name, 1 to 80 characters: who holds it")
+    c.add_argument("--role", required=True, choices=auth.TOKEN_ROLES,
+                   help="admin: everything; support: reads; shop: top-ups and balances only")
+    commands.add(token, "list", token_list, "list the tokens (names and roles, never the"
+                 " tokens)", ["token list", "token list --json"])
+    commands.add(token, "remove", token_remove, "remove a token: it is refused from now on",
+                 ["token remove shop-1"], formats=()).add_argument("name", help="the token")
+    user = commands.group(sub, "user", "add, list or remove staff users (operator console)",
+                          ["user add alice --role support", "user list", "user remove alice"])
+    c = commands.add(user, "add", user_add, "add a staff user; the password is asked twice,"
+                     " or read from stdin", ["user add alice --role support",
+                                             "user add bob --role admin --password-stdin"],
+                     formats=(), about="A password is 10 to 1024 characters; only a salted"
+                                       " scrypt hash of it is kept.")
+    c.add_argument("name", help="their login name, 1 to 80 characters")
+    c.add_argument("--role", required=True, choices=auth.USER_ROLES,
+                   help="admin: everything; support: reads")
+    c.add_argument("--password-stdin", action="store_true",
+                   help="read the password from the first line of stdin, not a prompt")
+    commands.add(user, "list", user_list, "list the staff users", ["user list", "user list --json"])
+    commands.add(user, "remove", user_remove, "remove a staff user", ["user remove alice"],
+                 formats=()).add_argument("name", help="the user")
+
+
 def config_option(parser, default):
     parser.add_argument("-c", "--config", metavar="FILE", default=default,
                         help="the config file (default: $ASTBILL_CONFIG, else"
@@ -297,8 +327,7 @@ def how_many(text):
 # -- commands ------------------------------------------------------------------
 
 def init_db(store, settings, args):
-    from .store.schema import migrate
-    before, after = migrate(store)
+    before, after = actions.init_db(store)
     if before == after:
         print(f"schema ready (version {after})")
     elif before == 0:
@@ -308,227 +337,100 @@ def init_db(store, settings, args):
 
 
 def account_add(store, settings, args):
-    account, tariff = checked_name(args.account, "account", 80), checked_name(args.tariff, "tariff", 40)
-    balance = D(args.balance)
-    if balance < 0:
-        raise AdminError(f"opening balance must not be negative: {args.balance!r}")
-    credit_limit, max_calls = checked_limits(args)
-
-    def work(tx):
-        known_tariff(tx, tariff)
-        tx.add_account(account, tariff, balance, timestamp(), credit_limit, max_calls)
-    try:
-        write(settings, work)
-    except Conflict:
-        raise AdminError(f"account {account!r} exists") from None
-    account_show(store, settings, args)
+    show_accounts([actions.add_account(settings, store, args.account, args.balance, args.tariff,
+                                       args.credit_limit, args.max_calls, actor=actor())],
+                  args.json, single=True)
 
 
 def account_set(store, settings, args):
-    account = account_named(args.account)
-    changes = {}
-    if args.tariff is not None:
-        changes["tariff"] = checked_name(args.tariff, "tariff", 40)
-    if args.credit_limit is not None:
-        changes["credit_limit"] = checked_limits(args)[0]
-    if args.max_calls is not None:
-        changes["max_calls"] = checked_limits(args)[1]
-    if not changes:
-        raise AdminError("nothing to change: give --tariff, --credit-limit or --max-calls")
-
-    def work(tx):
-        if "tariff" in changes:
-            known_tariff(tx, changes["tariff"])
-        tx.set_account(account, changes)
-    try:
-        write(settings, work)
-    except NotFound:
-        raise AdminError(f"no account {account!r}") from None
-    account_show(store, settings, args)
-
-
-def checked_limits(args):
-    credit_limit = D(args.credit_limit or "0")
-    if credit_limit < 0:
-        raise AdminError(f"credit limit must not be negative: {args.credit_limit!r}")
-    text = args.max_calls or "0"
-    if not (text.isascii() and text.isdigit()) or int(text) > 10000:
-        raise AdminError(f"max calls must be a whole number from 0 to 10000: {text!r}")
-    return credit_limit, int(text)
+    show_accounts([actions.change_account(settings, store, args.account, args.tariff,
+                                          args.credit_limit, args.max_calls)],
+                  args.json, single=True)
 
 
 def account_show(store, settings, args):
-    account = account_named(args.account)
-    rows = store.read(lambda tx: tx.accounts(account))
-    if not rows:
-        raise AdminError(f"no account {account!r}")
-    show_accounts(rows, settings, args.json, single=True)
+    show_accounts([actions.show_account(settings, store, args.account)], args.json, single=True)
 
 
 def account_list(store, settings, args):
-    show_accounts(store.read(lambda tx: tx.accounts()), settings, args.json)
+    show_accounts(actions.list_accounts(settings, store), args.json)
 
 
 def topup(store, settings, args):
-    account = account_named(args.account)
-    amount = D(args.amount)
-    if amount <= 0:
-        raise AdminError(f"top-up amount must be above 0: {args.amount!r}")
-    try:
-        write(settings, lambda tx: tx.change_balance(account, amount, "topup", None, timestamp()))
-    except NotFound:
-        raise AdminError(f"no account {account!r}") from None
-    account_show(store, settings, args)
+    show_accounts([actions.topup(settings, store, args.account, args.amount, actor=actor())],
+                  args.json, single=True)
 
 
 def rate_import(store, settings, args):
     kind, name = owner(args)
-    rows = read_rates(args.file, name)
-    if kind == "trunk" and not any(t[0] == name for t in store.read(lambda tx: tx.trunks())):
-        raise AdminError(f"no trunk {name!r} (astbill-admin trunk add {name} --dial ...)")
-    if args.starts:
-        starts = moment(args.starts, "--from")
-    elif store.read(lambda tx: tx.has_deck(kind, name)):
-        starts = timestamp()
-    else:
-        starts = ALWAYS  # a first deck prices every call, however old
-    write(settings, lambda tx: tx.import_deck(kind, name, starts, rows, timestamp()))
-    prefixes = len({r.rate.prefix for r in rows})
-    result = {kind: name, "imported": prefixes, "rows": len(rows), "from": starts}
-    print(json.dumps(result) if args.json else f"imported {prefixes} rates into {kind} {name}"
-          + (f", in force from {starts}" if args.starts else ""))
+    result = actions.import_rates(settings, store, kind, name, path=args.file, starts=args.starts)
+    print(json.dumps(result) if args.json else
+          f"imported {result['imported']} rates into {kind} {name}"
+          + (f", in force from {result['from']}" if args.starts else ""))
 
 
 def rate_list(store, settings, args):
     kind, name = owner(args)
-    try:
-        prefix = checked_prefix(args.prefix) if args.prefix else ""
-    except ValueError as exc:
-        raise AdminError(str(exc)) from None
-    at = moment(args.at, "--at") if args.at else timestamp()
-    found = store.read(lambda tx: tx.deck_rows(kind, name, at, prefix))
-    if found is None:
-        raise AdminError(f"{kind} {name!r} has no rates in force at {at}")
-    places = settings["decimals"]
-    rows = [{"prefix": p, "destination": d, "rate": fmt(r, places), "connect_fee": fmt(f, places),
-             "min_secs": m, "increment": i, "days": format_days(days),
-             "hours": format_hours(start, end)}
-            for p, d, days, start, end, r, f, m, i in found[1]]
-    show(rows, style(args), HEADER + PERIOD_HEADER)
+    show(actions.list_rates(settings, store, kind, name, args.prefix, args.at), style(args),
+         HEADER + PERIOD_HEADER)
 
 
 def owner(args):
     """('tariff' or 'trunk', name) of --tariff/--trunk."""
-    if args.trunk is not None:
-        return "trunk", checked_name(args.trunk, "trunk", 40)
-    return "tariff", checked_name(args.tariff, "tariff", 40)
-
-
-def moment(text, option):
-    """'YYYY-MM-DD HH:MM[:SS]' (UTC) as stored, or a one-line refusal."""
-    import time
-    for form in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d"):
-        try:
-            return time.strftime("%Y-%m-%d %H:%M:%S", time.strptime(text.strip(), form))
-        except ValueError:
-            continue
-    raise AdminError(f"{option} must look like 'YYYY-MM-DD HH:MM' (UTC): {text!r}")
+    return ("trunk", args.trunk) if args.trunk is not None else ("tariff", args.tariff)
 
 
 def trunk_add(store, settings, args):
-    name = checked_name(args.name, "trunk", 40)
-    try:
-        config.check_dial(args.dial, "--dial")
-    except config.ConfigError as exc:
-        raise AdminError(str(exc)) from None
-    try:
-        write(settings, lambda tx: tx.add_trunk(name, args.dial, timestamp()))
-    except Conflict:
-        raise AdminError(f"trunk {name!r} exists") from None
-    trunk_list(store, settings, args)
+    show(actions.add_trunk(settings, store, args.name, args.dial), style(args),
+         actions.TRUNK_COLUMNS)
 
 
 def trunk_list(store, settings, args):
-    rows = [{"name": n, "dial": d, "enabled": bool(e), "rates_since": None if s is None else str(s)}
-            for n, d, e, s in store.read(lambda tx: tx.trunks())]
-    show(rows, style(args), ["name", "dial", "enabled", "rates_since"])
+    show(actions.list_trunks(settings, store), style(args), actions.TRUNK_COLUMNS)
 
 
 def trunk_disable(store, settings, args):
-    change_trunk(settings, args.name, enabled=False)
+    actions.enable_trunk(settings, store, args.name, enabled=False)
 
 
 def trunk_enable(store, settings, args):
-    change_trunk(settings, args.name, enabled=True)
+    actions.enable_trunk(settings, store, args.name)
 
 
 def trunk_remove(store, settings, args):
-    change_trunk(settings, args.name, remove=True)
-
-
-def change_trunk(settings, name, **change):
-    try:
-        write(settings, lambda tx: tx.set_trunk(name, **change))
-    except NotFound:
-        raise AdminError(f"no trunk {name!r}") from None
+    actions.remove_trunk(settings, store, args.name)
 
 
 def route(store, settings, args):
-    number = normalize_destination(args.number, settings["international_prefix"],
-                                   settings["national_prefix"], settings["country_code"])
-    if number is None:
-        raise AdminError(f"not a number to dial: {args.number!r}")
-    answer, rate = ledger.quote(settings, store, account_named(args.account), number)
-    places = settings["decimals"]
-    result = {"number": number, "status": answer.status, "max_secs": answer.max_secs,
-              "rate": None if rate is None else {
-                  "prefix": rate.prefix, "rate": fmt(rate.per_min, places),
-                  "connect_fee": fmt(rate.connect_fee, places), "min_secs": rate.min_secs,
-                  "increment": rate.increment},
-              "trunks": [{"name": r.trunk, "dial": r.dial_string(number),
-                          "rate": fmt(r.rate.per_min, places),
-                          "connect_fee": fmt(r.rate.connect_fee, places)} for r in answer.routes]}
+    result = actions.route(settings, store, args.number, args.account)
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{number}: {answer.status}, {answer.max_secs} s")
+    print(f"{result['number']}: {result['status']}, {result['max_secs']} s")
+    rate = result["rate"]
     if rate is not None:
-        print(f"rate: prefix {rate.prefix}, {result['rate']['rate']}/min, connect fee"
-              f" {result['rate']['connect_fee']}, {rate.min_secs}/{rate.increment}")
+        print(f"rate: prefix {rate['prefix']}, {rate['rate']}/min, connect fee"
+              f" {rate['connect_fee']}, {rate['min_secs']}/{rate['increment']}")
     for r in result["trunks"]:
         print(f"trunk {r['name']}: {r['dial']}, {r['rate']}/min, connect fee {r['connect_fee']}")
 
 
 def calls(store, settings, args):
-    places = settings["decimals"]
-    rows = [{"uniqueid": r[0], "account": r[1], "dst": r[2], "max_secs": r[3],
-             "max_cost": fmt(r[4], places), "since": r[5], "channel": r[6]}
-            for r in store.read(lambda tx: tx.calls_in_progress())]
-    show(rows, style(args), ["uniqueid", "account", "dst", "max_secs", "max_cost", "since",
-                             "channel"])
+    show(actions.calls_in_progress(settings, store), style(args), actions.CALL_COLUMNS)
 
 
 def cdr(store, settings, args):
-    since = moment(args.since, "--since") if args.since else None
-    until = moment(args.until, "--until") if args.until else None
-    if since and until and since >= until:
-        raise AdminError(f"--since {since!r} is not before --until {until!r}")
-    account = None if args.account is None else account_named(args.account)
-    places = settings["decimals"]
-    records = (shown_cdr(r, places) for r in store.each_cdr(account, since, until, args.limit))
-    show(records, style(args), [*Tx.CDR_COLUMNS, "margin"],
-         ["uniqueid", "start", "account", "dst", "billsec", "disposition", "cost", "state"])
+    show(actions.cdrs(settings, store, args.account, args.since, args.until, args.limit),
+         style(args), actions.CDR_COLUMNS, actions.CDR_TABLE_COLUMNS)
 
 
 def sweep(store, settings, args):
-    replayed, results = recovery.recover(settings, store)
-    places = settings["decimals"]
-    swept = [dict(r, cost=fmt(r["cost"], places)) if "cost" in r else r for r in results]
-    report = {"replayed": replayed.settled, "set_aside": replayed.set_aside, "swept": swept}
+    report = actions.sweep(settings, store)
     if args.json:
         print(json.dumps(report))
         return
-    print(f"replayed {replayed.settled} spooled settlements, set aside {replayed.set_aside};"
+    swept = report["swept"]
+    print(f"replayed {report['replayed']} spooled settlements, set aside {report['set_aside']};"
           f" swept {len(swept)} reservations")
     for r in swept:
         what = f"cost {r['cost']} billsec {r['billsec']}" if "cost" in r else r["reason"]
@@ -536,7 +438,7 @@ def sweep(store, settings, args):
 
 
 def audit(store, settings, args):
-    problems = recovery.audit(settings, store)
+    problems = actions.audit(settings, store)
     if args.json:
         print(json.dumps({"ok": not problems, "problems": problems}))
     else:
@@ -547,57 +449,56 @@ def audit(store, settings, args):
         raise SystemExit(1)
 
 
-# -- helpers -------------------------------------------------------------------
-
-def write(settings, work):
-    """One transaction, run again after a deadlock or a cluster
-    certification conflict with the calls going on meanwhile."""
-    return attempt(settings, lambda store: store.atomic(work), AUTHORIZE_TRIES)
-
-
-def checked_name(value, what, longest):
-    if not value or len(value) > longest or not value.isprintable() or value != value.strip():
-        raise AdminError(f"{what} must be 1 to {longest} printable characters, no space at"
-                         f" either end: {value!r}")
-    return value
+def token_add(store, settings, args):
+    token = auth.add_token(settings, store, args.name, args.role)
+    if args.json:
+        print(json.dumps({"name": args.name, "role": args.role, "token": token}))
+    else:
+        print(f"token {args.name} ({args.role}), shown only this once:\n{token}")
 
 
-def account_named(name):
-    """An account name to look up: one ``account add`` would refuse is no
-    account -- said here, since MySQL before the schema's version 6
-    matched '1001 ' to '1001'."""
-    try:
-        return checked_name(name, "account", 80)
-    except AdminError:
-        raise AdminError(f"no account {name!r}") from None
+def token_list(store, settings, args):
+    show(auth.list_tokens(settings, store), style(args), HOLDER_COLUMNS)
 
 
-def known_tariff(tx, tariff):
-    """A tariff is known by its rates: on one without, every call is refused."""
-    if not tx.has_deck("tariff", tariff):
-        raise AdminError(f"unknown tariff {tariff!r}: it has no rates (astbill-admin rate import)")
+def token_remove(store, settings, args):
+    auth.remove_token(settings, store, args.name)
 
 
-def show_accounts(rows, settings, as_json, single=False):
-    places = settings["decimals"]
-    records = [{"account": a, "tariff": t, "balance": fmt(b, places),
-                "reserved": fmt(r, places), "credit_limit": fmt(c, places),
-                "available": fmt(b + c - r, places), "max_calls": m, "calls": n}
-               for a, t, b, r, c, m, n in rows]
+def user_add(store, settings, args):
+    auth.add_user(settings, store, args.name, args.role, read_password(args.password_stdin))
+    print(f"user {args.name} ({args.role}) added")
+
+
+def read_password(from_stdin):
+    """The new user's password: the first line of stdin, or asked twice."""
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    import getpass
+    first = getpass.getpass("password: ")
+    if getpass.getpass("again: ") != first:
+        raise ActionError("the two passwords differ")
+    return first
+
+
+def user_list(store, settings, args):
+    show(auth.list_users(settings, store), style(args), HOLDER_COLUMNS)
+
+
+def user_remove(store, settings, args):
+    auth.remove_user(settings, store, args.name)
+
+
+HOLDER_COLUMNS = ["name", "role", "created"]
+
+
+# -- printing --------------------------------------------------------------------
+
+def show_accounts(records, as_json, single=False):
     if single and as_json:
         print(json.dumps(records[0]))
         return
-    show(records, "json" if as_json else "table",
-         ["account", "tariff", "balance", "reserved", "available", "calls"])
-
-
-def shown_cdr(record, places):
-    """A CDR with its margin (what the caller paid less what the trunk
-    charged), and its amounts as text at the configured places."""
-    cost, bought = record["cost"], record["buy_cost"]
-    record = dict(record, margin=None if cost is None or bought is None else cost - bought)
-    return dict(record, **{key: fmt(record[key], places) for key in (*Tx.CDR_MONEY, "margin")
-                           if record[key] is not None})
+    show(records, "json" if as_json else "table", actions.ACCOUNT_COLUMNS)
 
 
 def style(args):
@@ -627,17 +528,11 @@ def print_json(records):
     out.write("]\n")
 
 
-# Columns whose cells are numbers AstBill itself wrote (amounts, seconds):
-# never quoted for a spreadsheet, unlike every cell that comes from data.
-OWN_NUMBERS = frozenset({"rate", "connect_fee", "cost", "buy_cost", "margin", "max_cost",
-                         "duration", "billsec", "max_secs", "min_secs", "increment"})
-
-
 def print_csv(records, columns):
     writer = csv.writer(sys.stdout)
     writer.writerow(columns)
     for r in records:
-        writer.writerow([r[c] if c in OWN_NUMBERS else quote_cell(r[c]) for c in columns])
+        writer.writerow(actions.csv_cells(r, columns))
 
 
 # Rows a table's column widths are measured on before it starts printing.
