@@ -34,11 +34,15 @@ CDR_TABLE_COLUMNS = ["uniqueid", "start", "account", "dst", "billsec", "disposit
 
 class ActionError(Exception):
     """A refused action; the message is the one line shown.  ``lines``:
-    one line per problem where a file has them (a rates file's rows)."""
+    one line per problem where a file has them (a rates file's rows).
+    ``kind``: "invalid" (the request itself), "missing" (what it names is
+    not there), "exists" (what it would make is there) or "reused" (an
+    idempotency key given for another request)."""
 
-    def __init__(self, message, lines=None):
+    def __init__(self, message, lines=None, kind="invalid"):
         super().__init__(message)
         self.lines = lines
+        self.kind = kind
 
 
 # -- the schema ------------------------------------------------------------------
@@ -67,7 +71,7 @@ def add_account(settings, store, account, balance, tariff="default", credit_limi
     try:
         return write(settings, work)
     except Conflict:
-        raise ActionError(f"account {account!r} exists") from None
+        raise ActionError(f"account {account!r} exists", kind="exists") from None
 
 
 def change_account(settings, store, account, tariff=None, credit_limit=None, max_calls=None):
@@ -91,7 +95,7 @@ def change_account(settings, store, account, tariff=None, credit_limit=None, max
     try:
         return write(settings, work)
     except NotFound:
-        raise ActionError(f"no account {account!r}") from None
+        raise ActionError(f"no account {account!r}", kind="missing") from None
 
 
 def show_account(settings, store, account):
@@ -99,7 +103,7 @@ def show_account(settings, store, account):
     account = account_named(account)
     rows = store.read(lambda tx: tx.accounts(account))
     if not rows:
-        raise ActionError(f"no account {account!r}")
+        raise ActionError(f"no account {account!r}", kind="missing")
     return account_record(rows[0], settings)
 
 
@@ -143,12 +147,13 @@ def credit(settings, account, value, kind, actor, key):
     def work(tx):
         locked = tx.lock_account(account)
         if locked is None:
-            raise ActionError(f"no account {account!r}")
+            raise ActionError(f"no account {account!r}", kind="missing")
         if key is not None:
             seen = tx.idempotency(key)
             if seen is not None:
                 if seen[0] != fingerprint:
-                    raise ActionError(f"idempotency key {key!r} was used for another request")
+                    raise ActionError(f"idempotency key {key!r} was used for another request",
+                                      kind="reused")
                 return json.loads(seen[1])
         balance, reserved, limit = locked[:3]
         if kind == "adjust" and balance + change + limit - reserved < 0:
@@ -191,7 +196,8 @@ def import_rates(settings, store, kind, name, path=None, text=None, starts=None,
     except RatesError as exc:
         raise ActionError(f"rates refused: {len(exc.errors)} problems", exc.errors) from None
     if kind == "trunk" and not any(t[0] == name for t in store.read(lambda tx: tx.trunks())):
-        raise ActionError(f"no trunk {name!r} (astbill-admin trunk add {name} --dial ...)")
+        raise ActionError(f"no trunk {name!r} (astbill-admin trunk add {name} --dial ...)",
+                          kind="missing")
     if starts:
         starts = moment(starts, option)
     elif store.read(lambda tx: tx.has_deck(kind, name)):
@@ -214,7 +220,7 @@ def list_rates(settings, store, kind, name, prefix=None, at=None, option="--at")
     at = moment(at, option) if at else timestamp()
     found = store.read(lambda tx: tx.deck_rows(kind, name, at, prefix))
     if found is None:
-        raise ActionError(f"{kind} {name!r} has no rates in force at {at}")
+        raise ActionError(f"{kind} {name!r} has no rates in force at {at}", kind="missing")
     places = settings["decimals"]
     return [{"prefix": p, "destination": d, "rate": fmt(r, places), "connect_fee": fmt(f, places),
              "min_secs": m, "increment": i, "days": format_days(days),
@@ -237,7 +243,7 @@ def add_trunk(settings, store, name, dial):
     try:
         write(settings, lambda tx: tx.add_trunk(name, dial, timestamp()))
     except Conflict:
-        raise ActionError(f"trunk {name!r} exists") from None
+        raise ActionError(f"trunk {name!r} exists", kind="exists") from None
     return list_trunks(settings, store)
 
 
@@ -259,7 +265,7 @@ def change_trunk(settings, name, **change):
     try:
         write(settings, lambda tx: tx.set_trunk(name, **change))
     except NotFound:
-        raise ActionError(f"no trunk {name!r}") from None
+        raise ActionError(f"no trunk {name!r}", kind="missing") from None
 
 
 # -- reports ---------------------------------------------------------------------
@@ -399,7 +405,7 @@ def account_named(name):
     try:
         return checked_name(name, "account", 80)
     except ActionError:
-        raise ActionError(f"no account {name!r}") from None
+        raise ActionError(f"no account {name!r}", kind="missing") from None
 
 
 def known_tariff(tx, tariff):

@@ -113,7 +113,7 @@ def add_holder(settings, table, name, role, secret_hash, what):
     try:
         write(settings, lambda tx: tx.add_holder(table, name, role, secret_hash, timestamp()))
     except Conflict:
-        raise ActionError(f"{what} {name!r} exists") from None
+        raise ActionError(f"{what} {name!r} exists", kind="exists") from None
 
 
 def list_tokens(settings, store):
@@ -141,7 +141,7 @@ def remove_holder(settings, table, name, what):
     try:
         write(settings, lambda tx: tx.remove_holder(table, name))
     except NotFound:
-        raise ActionError(f"no {what} {name!r}") from None
+        raise ActionError(f"no {what} {name!r}", kind="missing") from None
 
 
 def checked_role(role, roles):

@@ -1,0 +1,71 @@
+"""astbill-web: AstBill's HTTP API, a Flask application served by waitress.
+
+Every request is authenticated by a token (``Authorization: Bearer
+TOKEN``; ``astbill-admin token add``), its role checked by the server, and
+handled by the same library function ``astbill-admin`` calls.  It reads
+the config file and the database the calls use; each write is one short
+transaction, no lock is held between requests.  Every error is JSON with
+a one-line message; what went wrong inside (a traceback, the database's
+own words) goes to stderr only.
+"""
+import argparse
+import sys
+
+from ... import __version__, config
+
+PROG = "astbill-web"
+DEFAULT_LISTEN = "127.0.0.1:8080"
+THREADS = 8
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    try:
+        host, port = listen_address(args.listen)
+        config.load(args.config)   # refused now, not at the first request
+    except (ValueError, config.ConfigError) as exc:
+        sys.stderr.write(f"{PROG}: {' '.join(str(exc).split())}\n")
+        return 1
+    import waitress
+
+    from ...store import keep_sessions
+    from .api import create_app
+    keep_sessions()   # a database session per worker thread, between requests
+    server = waitress.create_server(create_app(args.config), host=host, port=port,
+                                    threads=THREADS, ident=PROG, clear_untrusted_proxy_headers=True)
+    shown = f"[{host}]" if ":" in host else host
+    sys.stderr.write(f"{PROG}: listening on http://{shown}:{server.effective_port}\n")
+    sys.stderr.flush()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def parser():
+    p = argparse.ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="AstBill's HTTP API (JSON under /api/v1, its OpenAPI document at"
+                    "\n/api/v1/openapi.json); tokens are made with astbill-admin token add.",
+        epilog="examples:\n"
+               f"  {PROG} -c /etc/astbill/astbill.yaml\n"
+               f"  {PROG} -c /etc/astbill/astbill.yaml --listen 127.0.0.1:8081\n"
+               "  curl -H 'Authorization: Bearer TOKEN' http://127.0.0.1:8080/api/v1/accounts/1001")
+    p.add_argument("-c", "--config", metavar="FILE",
+                   help="the config file (default: $ASTBILL_CONFIG, else conf/astbill.yaml"
+                        " beside astbill-web)")
+    p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+                   help=f"the address to serve on (default: {DEFAULT_LISTEN}; keep it on"
+                        " loopback, behind a TLS proxy)")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    return p
+
+
+def listen_address(text):
+    """(host, port) of 'HOST:PORT' or '[IPv6]:PORT'; port 0 picks a free one."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not (sep and host and port.isascii() and port.isdigit() and int(port) < 65536):
+        raise ValueError(f"--listen must be HOST:PORT, such as {DEFAULT_LISTEN}: {text!r}")
+    return host, int(port)
