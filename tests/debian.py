@@ -25,19 +25,23 @@ PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PROGRAM = ("astbill.py", "astbill-admin", "lib", "sql", "conf")
 
 
-def require_python():
-    """Debian's interpreter, once its packages are found in Debian's own
+# What astbill-web needs besides.
+WEB_PACKAGES = {"flask": "python3-flask", "waitress": "python3-waitress"}
+
+
+def require_python(packages=PACKAGES):
+    """Debian's interpreter, once its ``packages`` are found in Debian's own
     directory; a failure under CI (nothing may be skipped there), else a skip."""
     code = ("import importlib, sys\n"
             "for name in sys.argv[1:]: print(importlib.import_module(name).__file__)\n")
     try:
-        result = subprocess.run([PYTHON, "-I", "-c", code, *PACKAGES], capture_output=True,
+        result = subprocess.run([PYTHON, "-I", "-c", code, *packages], capture_output=True,
                                 text=True, timeout=60, env=env())
         found = result.stdout.split() if result.returncode == 0 else []
     except OSError:
         found = []
-    if len(found) != len(PACKAGES) or not all(f.startswith(DIST_PACKAGES) for f in found):
-        why = (f"{PYTHON} with Debian's {' '.join(PACKAGES.values())} is needed"
+    if len(found) != len(packages) or not all(f.startswith(DIST_PACKAGES) for f in found):
+        why = (f"{PYTHON} with Debian's {' '.join(packages.values())} is needed"
                " (scripts/setup-env --with-mariadb installs them)")
         if os.environ.get("CI") == "true":
             pytest.fail(why)
