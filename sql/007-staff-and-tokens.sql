@@ -32,9 +32,11 @@ CREATE TABLE astidempotency (
   PRIMARY KEY (idem_key)
 ) {table};
 
--- Keys match exactly, as account names do.
+-- Keys match exactly, as account names do (see step 6).
 --@ mysql
 ALTER TABLE astidempotency MODIFY idem_key VARCHAR(80) CHARACTER SET utf8mb4 COLLATE {exact} NOT NULL;
+--@ mysql
+ALTER TABLE astidempotency MODIFY account VARCHAR(80) CHARACTER SET utf8mb4 COLLATE {exact} NOT NULL;
 
 -- Who made a change by hand: the user or token (NULL for calls, and for
 -- rows older than this step).

@@ -539,3 +539,72 @@ def test_account_names_match_exactly_on_every_backend(billing):
     assert [(a["account"], a["balance"]) for a in json.loads(billing.admin_ok(
         "account", "list", "--json"))] == [("ACC1", "1.0000"), ("acc1", "9.8800")]
     assert billing.query("SELECT COUNT(*) FROM astcdr WHERE account = 'ACC1'") == [(0,)]
+
+
+# -- API tokens and staff users ---------------------------------------------------
+
+def test_a_token_is_shown_once_stored_as_its_hash_listed_and_removed(billing):
+    import hashlib
+    status, out, err = billing.admin("token", "add", "shop-1", "--role", "shop")
+    first, token, rest = out.split("\n")
+    assert (status, first, len(token), rest, err) == (
+        0, "token shop-1 (shop), shown only this once:", 43, "", "")
+    ((stored, created),) = billing.query("SELECT token_hash, created FROM asttoken")
+    assert stored == hashlib.sha256(token.encode()).hexdigest()
+    assert billing.admin("token", "list") == (
+        0, f"name    role  created\nshop-1  shop  {created}\n", "")
+    assert billing.admin("token", "add", "shop-1", "--role", "admin") == (
+        1, "", "astbill-admin: token 'shop-1' exists\n")
+    assert billing.admin("token", "add", "x", "--role", "boss") == (
+        2, "", "astbill-admin: argument --role: invalid choice: 'boss' (choose from 'admin',"
+               " 'support', 'shop') (see astbill-admin token add --help)\n")
+    added = json.loads(billing.admin_ok("token", "add", "ops", "--role", "admin", "--json"))
+    assert added["token"] != token and (added["name"], added["role"]) == ("ops", "admin")
+    assert billing.admin("token", "remove", "shop-1") == (0, "", "")
+    assert billing.admin("token", "remove", "shop-1") == (
+        1, "", "astbill-admin: no token 'shop-1'\n")
+    assert [t["name"] for t in json.loads(billing.admin_ok("token", "list", "--json"))] == ["ops"]
+
+
+def test_a_staff_user_has_a_salted_scrypt_password(billing, monkeypatch):
+    from astbill.admin import auth
+    password = "correct horse battery"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(password + "\n"))
+    assert billing.admin("user", "add", "alice", "--role", "support", "--password-stdin") == (
+        0, "user alice (support) added\n", "")
+    result = billing.admin_process("user", "add", "bob", "--role", "admin", "--password-stdin",
+                                   input=password + "\n")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "user bob (admin) added\n", "")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("short\n"))
+    assert billing.admin("user", "add", "carol", "--role", "admin", "--password-stdin") == (
+        1, "", "astbill-admin: a password must be 10 to 1024 characters\n")
+    answers = iter(["first password", "second password"])
+    monkeypatch.setattr("getpass.getpass", lambda prompt: next(answers))
+    assert billing.admin("user", "add", "carol", "--role", "admin") == (
+        1, "", "astbill-admin: the two passwords differ\n")
+    assert billing.admin("user", "add", "dave", "--role", "shop")[0] == 2   # staff only
+    rows = billing.query("SELECT name, role, password_hash, created FROM astuser ORDER BY name")
+    assert billing.admin("user", "list") == (0, "name   role     created\n" + "".join(
+        f"{n:<5}  {r:<7}  {c}\n" for n, r, _, c in rows), "")
+    hashes = [h for _, _, h, _ in rows]
+    assert all(h.startswith("scrypt$16384$8$1$") and password not in h for h in hashes)
+    assert hashes[0] != hashes[1]   # salted: the same password, two hashes
+    store = billing.store()
+    try:
+        assert auth.login(store, "alice", password) == "support"
+        assert auth.login(store, "bob", password) == "admin"
+        assert auth.login(store, "alice", password + " ") is None
+        assert auth.login(store, "nobody", password) is None
+    finally:
+        store.close()
+    assert billing.admin("user", "remove", "alice") == (0, "", "")
+    assert billing.admin("user", "remove", "alice") == (1, "", "astbill-admin: no user 'alice'\n")
+
+
+def test_a_top_up_records_who_made_it(tariff):
+    import os
+    import pwd
+    tariff.admin_ok("topup", "1001", "5")
+    assert tariff.query("SELECT kind, actor FROM astledger ORDER BY id") == [
+        ("open", f"astbill-admin:{pwd.getpwuid(os.geteuid()).pw_name}"),
+        ("topup", f"astbill-admin:{pwd.getpwuid(os.geteuid()).pw_name}")]

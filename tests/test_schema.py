@@ -13,6 +13,7 @@ from astbill.config import load
 from astbill.ledger import epoch, timestamp
 from astbill.store import open_store, schema
 from conftest import RATES, Billing, fresh_database, invariants, place_call
+from test_admin import record_cdrs
 
 RELEASE_1 = Path(__file__).resolve().parent / "fixtures" / "release-1"
 TABLES = ("astaccount", "astrate", "astcreditres", "astcdr", "astledger")
@@ -312,6 +313,52 @@ def test_an_upgraded_mysql_database_matches_account_names_exactly(release_1):
         "SELECT table_name, collation_name FROM information_schema.columns WHERE"
         " table_schema = ? AND column_name = 'account' ORDER BY table_name", (database,)) == [
         (table, "utf8mb4_nopad_bin") for table in ("astaccount", "astcdr", "astcreditres",
-                                                   "astledger")]
+                                                   "astidempotency", "astledger")]
     assert release_1.query("SELECT COUNT(*) FROM astaccount WHERE account = '1001 '") == [(0,)]
     assert release_1.query("SELECT COUNT(*) FROM astaccount WHERE account = '1001'") == [(1,)]
+
+
+@pytest.fixture(params=["sqlite", "mariadb"])
+def release_6(request, tmp_path):
+    """A database of the previous release (schema version 6), used: an
+    account topped up, a settled call, a trunk, a deck."""
+    billing = Billing(tmp_path, fresh_database(request, tmp_path, request.param))
+    billing.backend = request.param
+    store = open_store(dict(load(str(billing.config)), create_database=True))
+    store.execute_script(store.dialect.get("prelude", ()))
+    assert schema.current_version(store) == 0
+    for number, name in schema.steps():
+        if number <= 6:
+            schema.apply(store, number, name)
+    store.close()
+    billing.setup_rates(RATES)
+    billing.admin_ok("trunk", "add", "carrier-a", "--dial", "SIP/carrier-a/{number}")
+    store = open_store(load(str(billing.config)))
+    m = store.money_in
+    for sql, params in (
+            ("INSERT INTO astaccount (account, tariff, balance, reserved, created) VALUES"
+             " ('1001', 'default', ?, 0, '2026-01-02 03:04:05')", (m(Decimal("14.88")),)),
+            ("INSERT INTO astledger (account, amount, kind, uniqueid, created) VALUES"
+             " ('1001', ?, 'open', NULL, '2026-01-02 03:04:05'), ('1001', ?, 'topup', NULL,"
+             " '2026-01-02 03:04:06'), ('1001', ?, 'call', '6.1', '2026-01-02 03:05:00')",
+             (m(Decimal(10)), m(Decimal(5)), m(Decimal("-0.12"))))):
+        store.atomic(lambda tx: tx.run(sql, params))
+    store.close()
+    record_cdrs(billing, [("6.1", "2026-01-02 03:04:00", "1001", "4930111222")])
+    return billing
+
+
+def test_a_previous_release_database_upgrades_to_users_and_tokens_without_losing_a_row(release_6):
+    tables = ("astaccount", "astledger", "asttrunk", "astdeck", "astprice", "astcdr")
+    before = {t: sorted(release_6.query(f"SELECT * FROM {t}"), key=repr) for t in tables}
+    assert sum(map(len, before.values())) == 11
+    assert release_6.admin("init-db") == (0, "schema upgraded from version 6 to 7\n", "")
+    after = {t: sorted(release_6.query(f"SELECT * FROM {t}"), key=repr) for t in tables}
+    assert [row[-1] for row in after["astledger"]] == [None, None, None]   # actor: unknown
+    after["astledger"] = [row[:-1] for row in after["astledger"]]
+    assert after == before
+    assert release_6.admin("init-db") == (0, "schema ready (version 7)\n", "")
+    release_6.admin_ok("token", "add", "shop-1", "--role", "shop")
+    release_6.admin_ok("topup", "1001", "1")
+    assert release_6.balance("1001") == Decimal("15.88")
+    assert release_6.admin("audit")[0] == 0
