@@ -7,8 +7,9 @@ the directory INSTALL has moved to; the asterisk user is played by nobody
 (there is no asterisk user here); the SQL runs in the test's MariaDB server;
 the config is edited as INSTALL tells a person to.  The test then places a
 call through the installed astbill.py the way the dialplan's AGI line says,
-runs the sweep the way the cron file and the systemd unit say, and ends
-with astbill-admin audit.
+runs the sweep the way the cron file and the systemd unit say, starts
+astbill-web the way its unit does and asks it what INSTALL's curl line
+asks (with the token INSTALL made), and ends with astbill-admin audit.
 
 Not run, and why:
   apt-get install          needs the package archive; the packages it names
@@ -21,6 +22,9 @@ Not run, and why:
                            dialplan's AGI(...) line
   export ASTBILL_CONFIG    a line for Asterisk's environment; the dialplan's
                            -c names the config instead
+  nginx, curl              nginx is not installed here: its server block is
+                           checked to proxy to where the unit listens, and
+                           the curl request is sent to astbill-web itself
 A section about Galera is skipped whole: it needs a cluster.  Files INSTALL
 tells the operator to write (a carrier's rates) the test writes, as the
 operator would.
@@ -31,6 +35,8 @@ import re
 import shutil
 import subprocess
 import tempfile
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -169,7 +175,7 @@ def box(request):
 
 def test_install_as_written_ends_in_a_billed_call_and_a_clean_audit(box):
     variant = {"sqlite": "SQLite", "mariadb": "MySQL/MariaDB"}[box.backend]
-    agi_args = None
+    agi_args = token = curl = proxied = None
     for heading, block_variant, lines in blocks(INSTALL.read_text()):
         if "Galera" in heading or block_variant not in ("", variant):
             continue
@@ -185,6 +191,8 @@ def test_install_as_written_ends_in_a_billed_call_and_a_clean_audit(box):
                 if line.split()[0] in NOT_RUN:
                     continue
                 out = box.shell(box.adapt(line))
+                if " token add " in line:
+                    token = out.split()[-1]
                 if "astbill.py" in line and "<" in line:  # the hand-run example
                     assert 'SET VARIABLE ASTBILL_COST "0.1200"' in out, out
                 if box.config.exists() and not box.edited:
@@ -195,6 +203,10 @@ def test_install_as_written_ends_in_a_billed_call_and_a_clean_audit(box):
         elif first.startswith("prefix,destination,"):
             # The format, shown: the sample file INSTALL copies has the same columns.
             assert first.startswith((ROOT / "conf" / "rates.sample.csv").read_text().split()[0])
+        elif first.startswith("server {"):
+            proxied = re.search(r"proxy_pass http://([^;/]+);", "\n".join(lines)).group(1)
+        elif first.startswith("curl "):
+            curl = first
         elif first.startswith("[outbound]"):
             agi_args = re.search(r"AGI\(astbill\.py,?([^)]*)\)", "\n".join(lines)).group(1)
         elif not first.startswith(("[", "export ASTBILL_CONFIG=")):
@@ -230,6 +242,27 @@ def test_install_as_written_ends_in_a_billed_call_and_a_clean_audit(box):
     unit = box.moved("/etc/systemd/system/astbill-sweep.service").read_text()
     assert re.search(r"(?m)^User=asterisk$", unit)
     box.shell("runuser -u nobody -- " + box.adapt(re.search(r"(?m)^ExecStart=(.*)$", unit).group(1)))
+
+    # The HTTP API, as its unit runs it, on the address nginx proxies to
+    # (here a free port): INSTALL's request, with INSTALL's token.
+    unit = box.moved("/etc/systemd/system/astbill-web.service").read_text()
+    assert re.search(r"(?m)^User=asterisk$", unit)
+    command = box.adapt(re.search(r"(?m)^ExecStart=(.*)$", unit).group(1)).split()
+    assert command[-2:] == ["--listen", proxied]
+    web = subprocess.Popen(["runuser", "-u", "nobody", "--", *command[:-1], "127.0.0.1:0"],
+                           stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env=debian.env())
+    try:
+        url = web.stderr.readline().split()[-1]
+        header, address = re.fullmatch(r'curl -H "([^"]+)" (\S+)', curl).groups()
+        name, _, value = header.replace("TOKEN", token).partition(": ")
+        request = urllib.request.Request(url + urllib.parse.urlsplit(address).path,
+                                         headers={name: value})
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            assert json.loads(reply.read())["account"] == "1001"
+    finally:
+        web.terminate()
+        web.wait(30)
 
     # 20 + 10, less the hand-run call (0.12) and this one (0.028).
     account = json.loads(box.admin("account", "show", "1001", "--json"))
