@@ -418,3 +418,5 @@ def test_the_openapi_document_describes_what_is_served(web):
         if p["name"] == "Idempotency-Key"}.items()
     assert document["components"]["securitySchemes"]["bearer"] == {"type": "http",
                                                                    "scheme": "bearer"}
+    assert {p["name"]: p["required"] for p in document["paths"]["/route"]["get"]["parameters"]} == {
+        "number": True, "account": True}

@@ -27,9 +27,15 @@ MAX_BODY = 32 * 1024 * 1024   # a deck of a million prefixes is about 30 MB
 
 
 class Route:
-    def __init__(self, method, path, grant, run, summary, query=(), body=None, status=200):
+    """``query``: (name, description) of its query parameters, those in
+    ``required`` required; ``body``: {field: type}, or "text/csv";
+    ``idempotent``: it needs an Idempotency-Key."""
+
+    def __init__(self, method, path, grant, run, summary, query=(), body=None, status=200,
+                 required=(), idempotent=False):
         self.method, self.path, self.grant, self.run = method, path, grant, run
         self.summary, self.query, self.body, self.status = summary, query, body, status
+        self.required, self.idempotent = required, idempotent
 
 
 # -- the faces of the actions --------------------------------------------------------
@@ -157,10 +163,10 @@ ROUTES = [
           "Change an account's tariff, credit limit or call cap",
           body={"tariff": "string", "credit_limit": "amount", "max_calls": "integer"}),
     Route("POST", "/accounts/{account}/topups", "topup", topup,
-          "Add credit, once per Idempotency-Key", body={"amount": "amount"}),
+          "Add credit, once per Idempotency-Key", body={"amount": "amount"}, idempotent=True),
     Route("POST", "/accounts/{account}/adjustments", "write", adjustment,
           "Correct a balance by a signed amount, once per Idempotency-Key",
-          body={"amount": "amount"}),
+          body={"amount": "amount"}, idempotent=True),
     Route("GET", "/calls", "read", calls, "Calls in progress"),
     Route("GET", "/cdrs", "read", cdrs, "Call detail records by start, oldest first", CDR_QUERY),
     Route("POST", "/rates/{kind}/{name}", "write", rates_import,
@@ -174,7 +180,8 @@ ROUTES = [
     Route("POST", "/trunks/{name}/disable", "write", trunk_disable,
           "Stop routing calls over a trunk"),
     Route("GET", "/route", "read", route, "What a call to a number would get now, for an account",
-          (("number", "the number as dialled"), ("account", "the account that would pay"))),
+          (("number", "the number as dialled"), ("account", "the account that would pay")),
+          required=("number", "account")),
     Route("GET", "/audit", "read", audit, "Check the books: balances against the ledger,"
           " reservations, the spool"),
 ]
@@ -354,13 +361,13 @@ def openapi():
                               "schema": {"type": "string"}}
                              for p in ("account", "kind", "name") if "{" + p + "}" in r.path]
               + [{"name": name, "in": "query", "description": text, "schema": {"type": "string"},
-                  "required": r.run is route}
+                  "required": name in r.required}
                  for name, text in r.query],
               "responses": {str(r.status): {"description": "done"},
                             "400": {"$ref": "#/components/responses/Error"},
                             "401": {"$ref": "#/components/responses/Error"},
                             "403": {"$ref": "#/components/responses/Error"}}}
-        if r.grant == "topup" or r.run is adjustment:
+        if r.idempotent:
             op["parameters"].append({"name": "Idempotency-Key", "in": "header", "required": True,
                                      "schema": {"type": "string", "maxLength": 80},
                                      "description": "the same key again changes nothing and gets"
