@@ -76,12 +76,14 @@ class Web:
         return "".join(self.log)
 
 
-@pytest.fixture(params=["sqlite", "mariadb"])
+@pytest.fixture(params=["sqlite", "mysqlclient", "pymysql"])
 def web(request, tmp_path):
+    """astbill-web on SQLite, or on MariaDB through Debian's mysqlclient or PyMySQL."""
     python = debian.require_python({**debian.PACKAGES, **debian.WEB_PACKAGES})
     database = fresh_database(request, tmp_path, request.param)
-    billing = Billing(tmp_path, database)
-    billing.backend = request.param
+    settings = {} if request.param == "sqlite" else {"mysql_driver": request.param}
+    billing = Billing(tmp_path, database, **settings)
+    billing.backend = "sqlite" if request.param == "sqlite" else "mariadb"
     billing.admin_ok("init-db")
     billing.setup_rates(RATES)
     billing.admin_ok("account", "add", "1001", "--balance", "10")
@@ -420,3 +422,15 @@ def test_the_openapi_document_describes_what_is_served(web):
                                                                    "scheme": "bearer"}
     assert {p["name"]: p["required"] for p in document["paths"]["/route"]["get"]["parameters"]} == {
         "number": True, "account": True}
+
+
+def test_a_call_never_loads_the_administration():
+    """astbill.py's start-up is the per-call cost: nothing of admin/, Flask
+    or waitress is imported on a call's path."""
+    python = debian.require_python({**debian.PACKAGES, **debian.WEB_PACKAGES})
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import astbill.main, astbill.callflow,"
+            " astbill.recovery; print(sorted(m for m in sys.modules"
+            " if m.startswith(('astbill.admin', 'flask', 'waitress', 'werkzeug'))))")
+    result = subprocess.run([python, "-I", "-c", code, str(ROOT / "lib")], capture_output=True,
+                            text=True, timeout=60, env=debian.env())
+    assert (result.returncode, result.stdout, result.stderr) == (0, "[]\n", "")
