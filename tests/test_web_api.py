@@ -354,6 +354,8 @@ def test_cdrs_by_account_and_time_paged_as_json_and_streamed_as_the_clis_csv(web
     assert [c["uniqueid"] for c in window["cdrs"]] == ["1.2", "1.3", "1.4"]
     status, headers, text = web.call("GET", "/cdrs?format=csv&account=1001")
     assert (status, headers.get_content_type()) == (200, "text/csv")
+    # Sent as read: chunked, its length unknown when it starts.
+    assert (headers["Transfer-Encoding"], headers["Content-Length"]) == ("chunked", None)
     assert text == web.billing.admin_ok("cdr", "--csv", "--account", "1001")
     assert ",'=1+1," in text
     assert web.call("GET", "/cdrs?since=2026-02-30")[::2] == (
@@ -434,3 +436,19 @@ def test_a_call_never_loads_the_administration():
     result = subprocess.run([python, "-I", "-c", code, str(ROOT / "lib")], capture_output=True,
                             text=True, timeout=60, env=debian.env())
     assert (result.returncode, result.stdout, result.stderr) == (0, "[]\n", "")
+
+
+def test_a_bad_command_line_or_config_is_one_line(tmp_path):
+    python = debian.require_python({**debian.PACKAGES, **debian.WEB_PACKAGES})
+    config = tmp_path / "astbill.yaml"
+    config.write_text("database: sqlite:///x.db\ndial: 'SIP/{number}'\ncolour: red\n")
+    for argv, error in ((["--listen", "8080"], "--listen must be HOST:PORT, such as"
+                                               " 127.0.0.1:8080: '8080'"),
+                        (["-c", str(config)], f"{config}: unknown setting 'colour'")):
+        result = subprocess.run([python, "-I", WEB, *argv], capture_output=True, text=True,
+                                timeout=60, env=debian.env())
+        assert (result.returncode, result.stdout, result.stderr) == (
+            1, "", f"astbill-web: {error}\n"), argv
+    result = subprocess.run([python, "-I", WEB, "--help"], capture_output=True, text=True,
+                            timeout=60, env=debian.env())
+    assert result.returncode == 0 and "\nexamples:\n  astbill-web -c " in result.stdout
