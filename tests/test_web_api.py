@@ -91,6 +91,7 @@ def web(request, tmp_path):
     yield server
     log = server.stop()
     assert "Traceback" not in log, log
+    assert not any(token in log for token in server.tokens.values())   # never logged
 
 
 def topup(web, amount, key, account="1001", role="admin"):
@@ -261,6 +262,7 @@ def test_accounts_are_created_read_changed_and_listed_by_page(web):
     assert web.ok("GET", "/accounts/a/b%207")["account"] == "a/b 7"
     assert web.ok("PATCH", "/accounts/a/b 7".replace(" ", "%20"),
                   body={"max_calls": "4"})["max_calls"] == 4
+    assert topup(web, "1", "slash", account="a/b 7")[2]["balance"] == "1.5000"
     for n in range(3):
         web.ok("POST", "/accounts", body={"account": f"shop-{n}", "balance": 1.5})
     first = web.ok("GET", "/accounts?limit=2")
@@ -316,6 +318,7 @@ def test_a_database_failure_is_one_line_with_no_sql_and_is_logged(web):
     assert web.billing.balance("1001") == Decimal(10)
     log = web.stop()
     assert "astidempotency" in log and "Traceback" not in log
+    assert "POST /api/v1/accounts/1001/topups 503 token:admin-1\n" in log   # the access log
     web.process.wait()
 
 

@@ -274,6 +274,12 @@ def create_app(config_path=None):
         g.actor = f"token:{g.name}"
         return None
 
+    @app.after_request
+    def access_log(reply):
+        holder = f"token:{g.name}" if "name" in g else "-"
+        log(f"{request.remote_addr} {request.method} {request.path} {reply.status_code} {holder}")
+        return reply
+
     @app.teardown_request
     def close(exc=None):
         store = g.pop("store", None)
