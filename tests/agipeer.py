@@ -28,7 +28,8 @@ How a call plays out:
   share nothing but the uniqueid counter, so many can run at once.
 
 Not recorded, so modelled from res_agi/app_dial and documented where done:
-``L(0)``/``S(0)`` refusal, HANGUP, EXEC of applications other than Dial/Set,
+``L(0)``/``S(0)`` refusal, HANGUP, EXEC Playback and SayNumber, EXEC of
+other applications than Dial/Set,
 the 520 reply to a malformed command, HANGUPCAUSE for unrecorded cases.
 """
 
@@ -137,6 +138,12 @@ class Scenario:
     # Statuses of the first Dials, before ``dialstatus`` (trunk failover:
     # e.g. ("CHANUNAVAIL", "CONGESTION") then an ANSWER).
     earlier_dials: tuple = ()
+    # Announcements (EXEC Playback, SayNumber): model ms each takes; sound
+    # files that are not installed ("*": none is); the caller hangs up
+    # during the Nth of them (1 is the first).
+    sound_ms: int = 0
+    missing_sounds: tuple = ()
+    hangup_at_sound: int = 0
 
     def __post_init__(self):
         if self.dialstatus not in DIAL_STATUSES:
@@ -714,11 +721,33 @@ class CallHandle:
         app, data = argv[1], argv[2] if len(argv) > 2 else ""
         if app.lower() == "dial":
             return self._exec_dial(data)
+        if app.lower() in ("playback", "saynumber"):
+            return self._exec_sound(app.lower(), data)
         if app.lower() == "set":
             name, _, value = data.partition("=")
             self._channel.set(name, value)
         # Every other application "succeeds" as NoOp and Wait did in the
         # recordings (sip-caller_hangup.txt, local-preanswered_callee_hangup.txt).
+        return "200 result=0"
+
+    def _exec_sound(self, app, data):
+        """Playback or SayNumber, as app_playback.c and pbx_builtins.c have
+        them (not recorded): Playback answers a channel that is not up and
+        sets PLAYBACKSTATUS, FAILED for a missing file or a hangup; both
+        return 0 then (SayNumber skips a missing file silently).  Each takes
+        ``sound_ms`` of the model timeline."""
+        sc, channel = self.scenario, self._channel
+        self._sounds = getattr(self, "_sounds", 0) + 1
+        failed = channel.dead or (app == "playback" and (
+            "*" in sc.missing_sounds or data.split(",")[0] in sc.missing_sounds))
+        if not channel.dead:
+            if app == "playback" and "noanswer" not in data.split(",")[1:]:
+                channel.answer()
+            channel.now_ms += sc.sound_ms
+            if self._sounds == sc.hangup_at_sound:
+                self._hangup_pending, failed = True, app == "playback"
+        if app == "playback":
+            channel.set("PLAYBACKSTATUS", "FAILED" if failed else "SUCCESS")
         return "200 result=0"
 
     def _exec_dial(self, data):

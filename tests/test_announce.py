@@ -1,0 +1,297 @@
+"""What the caller hears: the balance and minutes before the Dial, the L()
+warning's sound, and a hangup cause (and prompt) for every refusal -- the
+real astbill.py against the Asterisk 20 peer, on SQLite and MariaDB."""
+import os
+import threading
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from agipeer import Scenario
+from astbill.agi import announcement
+from astbill.config import ConfigError, check
+from conftest import ROOT, place_call, start_held_call
+
+BEFORE_DIAL = 'GET FULL VARIABLE "${CHANNEL(state)}|${CDR(billsec,f)}|${CHANNEL(linkedid)}|${ASTBILL_ANNOUNCE}"'
+BALANCE = ['EXEC Playback "vm-youhave"', "GET VARIABLE PLAYBACKSTATUS", 'EXEC SayNumber "12"',
+           'EXEC Playback "digits/dollars"', 'EXEC Playback "vm-and"', 'EXEC SayNumber "34"',
+           'EXEC Playback "cents"']
+MINUTES = ['EXEC Playback "vm-youhave"', "GET VARIABLE PLAYBACKSTATUS", 'EXEC SayNumber "60"',
+           'EXEC Playback "minutes"']
+AFTER = ['GET FULL VARIABLE "${CDR(billsec,f)}"']
+
+
+def commands_before_dial(result):
+    """What astbill.py asked of Asterisk between its status and the Dial
+    (its log lines are ``result.verbose``)."""
+    commands = result.commands
+    start = next(i for i, c in enumerate(commands) if c.startswith("SET VARIABLE ASTBILL_MAXSECS")) + 1
+    dial = next(i for i, c in enumerate(commands) if c.startswith("EXEC Dial"))
+    return [c for c in commands[start:dial] if not c.startswith("VERBOSE")]
+
+
+@pytest.fixture
+def rich(tariff):
+    """Account 1001 holding 12.34: 60 minutes to Germany at 0.06 (the cap)."""
+    tariff.admin_ok("topup", "1001", "2.34")
+    return tariff
+
+
+def billed(tariff, result):
+    cdr = tariff.cdr(result.uniqueid)
+    return (result.variables_set.get("ASTBILL_BILLSEC"), result.variables_set.get("ASTBILL_COST"),
+            cdr["billsec"], cdr["cost"], cdr["state"], tariff.reservations())
+
+
+@pytest.mark.parametrize("mode, said", [
+    ("balance", BALANCE), ("minutes", MINUTES),
+    ("both", BALANCE + [c for c in MINUTES if c != "GET VARIABLE PLAYBACKSTATUS"])])
+@pytest.mark.parametrize("pre_answered_ms", [0, 2500])
+def test_the_announcement_is_said_before_the_dial_and_never_billed(rich, mode, said,
+                                                                   pre_answered_ms):
+    # 61.5 s of talk at 0.06/min on 60/60 is two minutes, whatever the
+    # caller heard before: each prompt here takes 1.5 s of Asterisk's time.
+    rich.write_config(announce=mode)
+    result = place_call(rich, Scenario(answered_ms=61_500, pre_answered_ms=pre_answered_ms,
+                                       sound_ms=1500))
+    assert result.returncode == 0, result.dialogue_text()
+    answer = ["ANSWER"] if not pre_answered_ms else []
+    assert commands_before_dial(result) == answer + said + AFTER, result.dialogue_text()
+    assert result.verbose == [], result.dialogue_text()
+    assert billed(rich, result) == ("62", "0.1200", 62, Decimal("0.12"), "settled", [])
+    assert rich.balance("1001") == Decimal("12.22")
+
+
+def test_without_an_announcement_the_dialogue_is_as_before(rich):
+    result = place_call(rich, Scenario(answered_ms=61_500))
+    assert commands_before_dial(result) == []
+    assert billed(rich, result) == ("62", "0.1200", 62, Decimal("0.12"), "settled", [])
+
+
+def test_the_channel_variable_chooses_the_announcement_for_one_call(rich):
+    result = place_call(rich, Scenario(answered_ms=1000, variables={"ASTBILL_ANNOUNCE": "minutes"}))
+    assert commands_before_dial(result) == ["ANSWER"] + MINUTES + AFTER
+    rich.write_config(announce="minutes")
+    result = place_call(rich, Scenario(answered_ms=1000, variables={"ASTBILL_ANNOUNCE": "none"}))
+    assert commands_before_dial(result) == []
+
+
+def test_a_channel_variable_that_is_no_mode_is_logged_and_the_config_holds(rich):
+    rich.write_config(announce="minutes")
+    result = place_call(rich, Scenario(answered_ms=1000, variables={"ASTBILL_ANNOUNCE": "loud"}))
+    assert commands_before_dial(result) == ["ANSWER"] + MINUTES + AFTER
+    assert result.verbose == [f"astbill: {result.uniqueid} ASTBILL_ANNOUNCE 'loud' is not one"
+                              " of none, balance, minutes, both: announcing minutes"]
+    assert rich.reservations() == []
+
+
+def test_with_no_sound_files_the_call_goes_on_and_the_log_says_why(rich):
+    rich.write_config(announce="both")
+    result = place_call(rich, Scenario(answered_ms=61_500, missing_sounds=("*",), sound_ms=700),
+                        agi_language="xx")
+    assert commands_before_dial(result) == ["ANSWER", 'EXEC Playback "vm-youhave"',
+                                            "GET VARIABLE PLAYBACKSTATUS"] + AFTER
+    assert result.verbose == [f"astbill: {result.uniqueid} no sound file 'vm-youhave' in"
+                              " language 'xx': nothing announced"]
+    assert billed(rich, result) == ("62", "0.1200", 62, Decimal("0.12"), "settled", [])
+
+
+def test_a_missing_currency_word_is_skipped_by_asterisk_and_the_call_goes_on(rich):
+    # Debian's core sounds have no "cents": Playback warns and goes on.
+    rich.write_config(announce="balance")
+    result = place_call(rich, Scenario(answered_ms=61_500, missing_sounds=("cents",),
+                                       sound_ms=900))
+    assert commands_before_dial(result) == ["ANSWER"] + BALANCE + AFTER
+    assert result.verbose == []
+    assert billed(rich, result) == ("62", "0.1200", 62, Decimal("0.12"), "settled", [])
+
+
+def test_a_caller_who_hangs_up_during_the_announcement_is_not_dialled_and_pays_nothing(rich):
+    rich.write_config(announce="both")
+    result = place_call(rich, Scenario(answered_ms=61_500, hangup_at_sound=3, sound_ms=800))
+    assert result.returncode == 0, result.dialogue_text()
+    assert result.dial_args is None
+    assert not any(c.startswith("EXEC Dial") for c in result.commands)
+    assert f"astbill: {result.uniqueid} the caller hung up during the announcement" in result.verbose
+    assert rich.balance("1001") == Decimal("12.34")
+    assert rich.reservations() == []
+    assert rich.cdr(result.uniqueid)["state"] in ("released", "settled")
+    assert rich.cdr(result.uniqueid)["cost"] == 0
+
+
+def test_a_balance_too_large_to_say_is_logged_and_the_minutes_are_still_said(rich):
+    tariff = rich
+    tariff.admin_ok("topup", "1001", "2000000000")
+    tariff.write_config(announce="both")
+    result = place_call(tariff, Scenario(answered_ms=61_500, sound_ms=500))
+    assert commands_before_dial(result) == ["ANSWER"] + MINUTES + AFTER
+    assert result.verbose == [f"astbill: {result.uniqueid} balance 2000000012.34 cannot be"
+                              " said: not announced"]
+    assert billed(tariff, result) == ("62", "0.1200", 62, Decimal("0.12"), "settled", [])
+
+
+def test_a_postpaid_account_below_zero_hears_what_it_may_still_spend(tariff):
+    tariff.admin_ok("account", "add", "post", "--balance", "0", "--credit-limit", "8")
+    place_call(tariff, Scenario(answered_ms=2_750_000), number="4915123456", account="post")
+    assert tariff.balance("post") == Decimal("-5.5")
+    tariff.write_config(announce="balance")
+    result = place_call(tariff, Scenario(answered_ms=1000), account="post")
+    assert commands_before_dial(result) == [
+        "ANSWER", 'EXEC Playback "vm-youhave"', "GET VARIABLE PLAYBACKSTATUS",
+        'EXEC SayNumber "2"', 'EXEC Playback "digits/dollars"', 'EXEC Playback "vm-and"',
+        'EXEC SayNumber "50"', 'EXEC Playback "cents"'] + AFTER
+
+
+@pytest.mark.parametrize("available, max_secs, pieces, problems", [
+    (Decimal("0.004"), 60, [("Playback", "vm-youhave"), ("SayNumber", "0"),
+                            ("Playback", "digits/dollars")], []),
+    (Decimal("0.999999"), 60, [("Playback", "vm-youhave"), ("SayNumber", "99"),
+                               ("Playback", "cents")], []),
+    (Decimal("7.01"), 59, [("Playback", "vm-youhave"), ("SayNumber", "7"),
+                           ("Playback", "digits/dollars"), ("Playback", "vm-and"),
+                           ("SayNumber", "1"), ("Playback", "cents")], []),
+    (Decimal("-0.01"), 60, [], ["balance -0.01 cannot be said: not announced"]),
+    (Decimal("1000000000"), 60, [], ["balance 1000000000.00 cannot be said: not announced"]),
+    (None, 60, [], ["balance unknown: not announced"]),
+])
+def test_the_balance_is_rounded_down_and_what_cannot_be_said_is_not(available, max_secs,
+                                                                    pieces, problems):
+    assert announcement("balance", available, max_secs, "digits/dollars", "cents") == (
+        pieces, problems)
+
+
+@pytest.mark.parametrize("max_secs, pieces, problems", [
+    (0, [], ["no time granted: minutes not announced"]),
+    (1, [("Playback", "vm-youhave"), ("SayNumber", "1"), ("Playback", "second")], []),
+    (59, [("Playback", "vm-youhave"), ("SayNumber", "59"), ("Playback", "seconds")], []),
+    (119, [("Playback", "vm-youhave"), ("SayNumber", "1"), ("Playback", "minute")], []),
+    (3600, [("Playback", "vm-youhave"), ("SayNumber", "60"), ("Playback", "minutes")], []),
+])
+def test_the_minutes_are_whole_minutes_or_the_seconds_of_a_short_grant(max_secs, pieces,
+                                                                        problems):
+    assert announcement("minutes", Decimal(1), max_secs, "digits/dollars", "cents") == (
+        pieces, problems)
+
+
+def test_a_currency_without_hundredths_is_said_in_whole_units(tariff):
+    assert announcement("balance", Decimal("12.99"), 60, "", "") == (
+        [("Playback", "vm-youhave"), ("SayNumber", "12")], [])
+
+
+def test_the_limit_warning_plays_asterisks_time_left_or_the_configured_sound(tariff):
+    tariff.write_config(warning_secs=30)
+    result = place_call(tariff, Scenario(answered_ms=1000))
+    assert result.variables_set["LIMIT_WARNING_FILE"] == "timeleft"
+    assert result.dial_args == "PJSIP/4912345678@trunk,60,L(3600000:30000)"
+    assert result.commands.index('SET VARIABLE LIMIT_WARNING_FILE "timeleft"') < next(
+        i for i, c in enumerate(result.commands) if c.startswith("EXEC Dial"))
+    tariff.write_config(warning_sound="custom/credit-low")
+    result = place_call(tariff, Scenario(answered_ms=1000))
+    assert result.variables_set["LIMIT_WARNING_FILE"] == "custom/credit-low"
+    tariff.write_config(warning_secs=0)
+    assert "LIMIT_WARNING_FILE" not in place_call(tariff, Scenario(answered_ms=1000)).variables_set
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("warning_sound", "beep&tt-monkeys", "warning_sound must be a sound file name"),
+    ("warning_sound", "", "warning_sound must be a sound file name"),
+    ("currency_unit", "digits/dollars,x", "currency_unit must be a sound file name"),
+    ("currency_cents", "cents here", "currency_cents must be a sound file name"),
+    ("announce", "loud", "announce must be one of none, balance, minutes, both"),
+    ("refusal_prompts", {"BROKE": "x"}, "refusal_prompts may name NOFUNDS, NOACCOUNT, NORATE,"
+                                        " NOROUTE, MAXCALLS, INVALID, ERROR, not 'BROKE'"),
+    ("refusal_prompts", {"NOFUNDS": 3}, "refusal_prompts.NOFUNDS must be a string"),
+    ("refusal_prompts", {"NOFUNDS": "a|b"}, "refusal_prompts.NOFUNDS must be a sound file name"),
+])
+def test_bad_sound_settings_are_refused_in_one_line(setting, value, message):
+    with pytest.raises(ConfigError) as exc:
+        check({"database": "sqlite:///x.db", "dial": "PJSIP/{number}@t", setting: value}, "c.yaml")
+    assert str(exc.value).startswith(f"c.yaml: {message}")
+    assert "\n" not in str(exc.value)
+
+
+PROMPTS = {"NOFUNDS": "custom/no-credit", "NORATE": "ss-noservice", "NOROUTE": "all-circuits-busy-now",
+           "MAXCALLS": "all-circuits-busy-now", "INVALID": "cannot-complete-as-dialed",
+           "ERROR": "pbx-invalid"}
+
+
+@pytest.mark.parametrize("setup, env, status, cause", [
+    ("poor", {"account": "poor"}, "NOFUNDS", "21"),
+    (None, {"account": "9999"}, "NOACCOUNT", "21"),
+    (None, {"number": "7123456"}, "NORATE", "1"),
+    (None, {"number": "12ab"}, "INVALID", "28"),
+    ("capped", {"account": "capped"}, "MAXCALLS", "17"),
+    ("noroute", {}, "NOROUTE", "34"),
+    ("again", {"agi_uniqueid": "1796000000.77"}, "ERROR", "38"),
+])
+def test_every_refusal_has_a_hangup_cause_and_its_prompt(tariff, setup, env, status, cause):
+    tariff.write_config(refusal_prompts=PROMPTS)
+    held = None
+    if setup == "poor":
+        tariff.admin_ok("account", "add", "poor", "--balance", "0.0599")
+    elif setup == "capped":
+        tariff.admin_ok("account", "add", "capped", "--balance", "5", "--max-calls", "1")
+        gate = threading.Event()
+        held = start_held_call(tariff, gate, account="capped")
+        assert held.dial_reached.wait(20)
+    elif setup == "again":
+        assert place_call(tariff, Scenario(answered_ms=1000), **env).returncode == 0
+    elif setup == "noroute":
+        tariff.admin_ok("trunk", "add", "far", "--dial", "PJSIP/{number}@far")
+        path = tariff.path / "far.csv"
+        path.write_text("prefix,destination,rate,connect_fee,min_secs,increment\n"
+                        "1,USA,0.0050,0,60,60\n")
+        tariff.admin_ok("rate", "import", str(path), "--trunk", "far")
+    cdrs, reserved = tariff.query("SELECT COUNT(*) FROM astcdr"), tariff.reservations()
+    result = place_call(tariff, Scenario(answered_ms=1000), **env)
+    assert result.returncode == 0, result.dialogue_text()
+    assert result.variables_set["ASTBILL_STATUS"] == status, result.dialogue_text()
+    assert result.variables_set["ASTBILL_CAUSE"] == cause
+    assert result.variables_set["ASTBILL_PROMPT"] == PROMPTS.get(status, "")
+    assert result.dial_args is None
+    assert (tariff.query("SELECT COUNT(*) FROM astcdr"), tariff.reservations()) == (cdrs, reserved)
+    if held is not None:
+        gate.set()
+        assert held.wait().returncode == 0
+        assert tariff.reservations() == []
+
+
+def test_a_refusal_without_a_prompt_sets_an_empty_one(tariff):
+    result = place_call(tariff, Scenario(answered_ms=1000), number="7123456")
+    assert (result.variables_set["ASTBILL_STATUS"], result.variables_set["ASTBILL_CAUSE"],
+            result.variables_set["ASTBILL_PROMPT"]) == ("NORATE", "1", "")
+
+
+def test_an_environment_that_cannot_be_trusted_is_an_error_with_its_cause(tariff):
+    # A forged line in the environment block (a newline in a value): no
+    # config named by it is read, so no prompt either.
+    tariff.write_config(refusal_prompts=PROMPTS)
+    result = place_call(tariff, Scenario(answered_ms=1000), agi_priority="1\nagi_context: forged")
+    assert (result.variables_set["ASTBILL_STATUS"], result.variables_set["ASTBILL_CAUSE"],
+            result.variables_set["ASTBILL_PROMPT"]) == ("ERROR", "38", "")
+    assert result.dial_args is None
+    assert tariff.query("SELECT COUNT(*) FROM astcdr") == [(0,)]
+
+
+def test_the_prompts_astbill_names_are_in_debians_core_sounds():
+    # What INSTALL installs (asterisk-core-sounds-en): every prompt an
+    # announcement or the sample config names is there, but "cents", which
+    # INSTALL says is in Asterisk's extra sounds only.
+    sounds = Path("/usr/share/asterisk/sounds/en")
+    if not sounds.is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail("asterisk-core-sounds-en is not installed (scripts/setup-env installs it)")
+        pytest.skip("asterisk-core-sounds-en is not installed")
+    import yaml
+    sample = yaml.safe_load((ROOT / "conf" / "astbill.yaml").read_text())
+    named = {arg for _, arg in announcement("both", Decimal("12.34"), 3600, sample["currency_unit"],
+                                            sample["currency_cents"])[0]
+             if not arg.isdigit()}
+    named |= {arg for mode, max_secs in (("minutes", 60), ("minutes", 1), ("minutes", 59))
+              for _, arg in announcement(mode, None, max_secs, "", "")[0] if not arg.isdigit()}
+    named |= {prompt for prompt in sample["refusal_prompts"].values() if prompt}
+    missing = sorted(name for name in named if not any(sounds.glob(name + ".*")))
+    assert missing == ["cents"]
+    assert sample["warning_sound"] == "timeleft"  # Asterisk's own: vm-youhave, queue-minutes
+    assert all(any(sounds.glob(name + ".*")) for name in ("queue-minutes", "queue-seconds"))
