@@ -1,7 +1,9 @@
 """What the caller hears: the balance and minutes before the Dial, the L()
 warning's sound, and a hangup cause (and prompt) for every refusal -- the
 real astbill.py against the Asterisk 20 peer, on SQLite and MariaDB."""
+import json
 import os
+import re
 import threading
 from decimal import Decimal
 from pathlib import Path
@@ -12,6 +14,7 @@ from agipeer import Scenario
 from astbill.agi import announcement
 from astbill.config import ConfigError, check
 from conftest import ROOT, place_call, start_held_call
+from test_failures import unreachable
 
 BEFORE_DIAL = 'GET FULL VARIABLE "${CHANNEL(state)}|${CDR(billsec,f)}|${CHANNEL(linkedid)}|${ASTBILL_ANNOUNCE}"'
 BALANCE = ['EXEC Playback "vm-youhave"', "GET VARIABLE PLAYBACKSTATUS", 'EXEC SayNumber "12"',
@@ -129,6 +132,24 @@ def test_a_balance_too_large_to_say_is_logged_and_the_minutes_are_still_said(ric
     assert result.verbose == [f"astbill: {result.uniqueid} balance 2000000012.34 cannot be"
                               " said: not announced"]
     assert billed(tariff, result) == ("62", "0.1200", 62, Decimal("0.12"), "settled", [])
+
+
+def test_a_call_let_through_an_outage_hears_its_minutes_but_no_balance(tariff):
+    # The balance cannot be read while the database is down; the call is
+    # billed afterwards for its talk time alone.
+    good = tariff.settings["database"]
+    tariff.write_config(database=unreachable(tariff), on_db_error="allow",
+                        db_error_allow_secs=120, announce="both")
+    result = place_call(tariff, Scenario(answered_ms=61_000, sound_ms=2000))
+    assert commands_before_dial(result) == ["ANSWER", 'EXEC Playback "vm-youhave"',
+                                            "GET VARIABLE PLAYBACKSTATUS", 'EXEC SayNumber "2"',
+                                            'EXEC Playback "minutes"'] + AFTER
+    assert f"astbill: {result.uniqueid} balance unknown: not announced" in result.verbose
+    tariff.write_config(database=good)
+    assert json.loads(tariff.admin_process("sweep", "--json").stdout)["replayed"] == 1
+    cdr = tariff.cdr(result.uniqueid)
+    assert (cdr["state"], cdr["billsec"], cdr["cost"]) == ("late", 61, Decimal("0.12"))
+    assert tariff.balance("1001") == Decimal("9.88")
 
 
 def test_a_postpaid_account_below_zero_hears_what_it_may_still_spend(tariff):
@@ -295,3 +316,23 @@ def test_the_prompts_astbill_names_are_in_debians_core_sounds():
     assert missing == ["cents"]
     assert sample["warning_sound"] == "timeleft"  # Asterisk's own: vm-youhave, queue-minutes
     assert all(any(sounds.glob(name + ".*")) for name in ("queue-minutes", "queue-seconds"))
+
+
+def test_over_fastagi_the_announcement_is_the_same_and_a_hangup_line_ends_it(rich):
+    from test_fastagi import Server
+    rich.write_config(announce="both")
+    server = Server(rich)
+    try:
+        result = server.call(Scenario(answered_ms=61_500, sound_ms=1500))
+        assert commands_before_dial(result) == ["ANSWER"] + BALANCE + [
+            c for c in MINUTES if c != "GET VARIABLE PLAYBACKSTATUS"] + AFTER
+        assert billed(rich, result) == ("62", "0.1200", 62, Decimal("0.12"), "settled", [])
+        # Asterisk writes HANGUP after the reply to the Playback the caller left in.
+        gone = server.call(Scenario(answered_ms=61_500, hangup_at_sound=2, sound_ms=800))
+        assert ("AST", "HANGUP") in gone.dialogue
+        assert gone.dial_args is None
+        assert (rich.balance("1001"), rich.reservations()) == (Decimal("12.22"), [])
+        assert server.wait_for(rf"astbill: {re.escape(gone.uniqueid)} the caller hung up"
+                               " during the announcement")
+    finally:
+        server.stop()
