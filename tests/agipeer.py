@@ -144,6 +144,7 @@ class Scenario:
     sound_ms: int = 0
     missing_sounds: tuple = ()
     hangup_at_sound: int = 0
+    unloaded_apps: tuple = ()  # EXEC of these answers -2, as res_agi does for an unknown app
 
     def __post_init__(self):
         if self.dialstatus not in DIAL_STATUSES:
@@ -289,6 +290,20 @@ def _bridge_limit_ms(options: dict) -> int | None:
 
 # --- the caller's channel --------------------------------------------------
 
+def _filter(allowed: str, text: str) -> str:
+    """FILTER(allowed,text) as func_strings.c has it: ``text`` with only
+    the characters ``allowed`` names, singly or as ranges (a-z)."""
+    keep, i = set(), 0
+    while i < len(allowed):
+        if i + 2 < len(allowed) and allowed[i + 1] == "-":
+            keep.update(chr(c) for c in range(ord(allowed[i]), ord(allowed[i + 2]) + 1))
+            i += 3
+        else:
+            keep.add(allowed[i])
+            i += 1
+    return "".join(c for c in text if c in keep)
+
+
 def _cdr_time(epoch: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
@@ -342,6 +357,8 @@ class _Channel:
     def get(self, name: str) -> str | None:
         """The value GET VARIABLE reports; None when unset (``200 result=0``)."""
         key = self._key(name)
+        if key.startswith("FILTER(") and key.endswith(")"):
+            return _filter(*key[7:-1].partition(",")[::2])
         builtins = self._builtins()
         return builtins[key] if key in builtins else self.variables.get(key)
 
@@ -719,6 +736,8 @@ class CallHandle:
         if len(argv) < 2:
             return REPLY_USAGE
         app, data = argv[1], argv[2] if len(argv) > 2 else ""
+        if app.lower() in self.scenario.unloaded_apps:
+            return "200 result=-2"
         if app.lower() == "dial":
             return self._exec_dial(data)
         if app.lower() in ("playback", "saynumber"):
@@ -732,22 +751,26 @@ class CallHandle:
 
     def _exec_sound(self, app, data):
         """Playback or SayNumber, as app_playback.c and pbx_builtins.c have
-        them (not recorded): Playback answers a channel that is not up and
-        sets PLAYBACKSTATUS, FAILED for a missing file or a hangup; both
-        return 0 then (SayNumber skips a missing file silently).  Each takes
-        ``sound_ms`` of the model timeline."""
+        them (not recorded).  Playback answers a channel that is not up
+        unless told ``noanswer``; a file it cannot open makes PLAYBACKSTATUS
+        FAILED and it goes on, returning 0; a hangup while it plays ends it
+        with -1 (PLAYBACKSTATUS SUCCESS).  SayNumber skips a missing file
+        silently and returns 0, hangup or not.  Each takes ``sound_ms`` of
+        the model timeline."""
         sc, channel = self.scenario, self._channel
         self._sounds = getattr(self, "_sounds", 0) + 1
-        failed = channel.dead or (app == "playback" and (
-            "*" in sc.missing_sounds or data.split(",")[0] in sc.missing_sounds))
+        name, *options = data.split(",")
+        if app == "playback" and not channel.up and "noanswer" not in options:
+            channel.answer()
+        missing = "*" in sc.missing_sounds or name in sc.missing_sounds
+        gone = channel.dead or self._sounds == sc.hangup_at_sound
         if not channel.dead:
-            if app == "playback" and "noanswer" not in data.split(",")[1:]:
-                channel.answer()
             channel.now_ms += sc.sound_ms
-            if self._sounds == sc.hangup_at_sound:
-                self._hangup_pending, failed = True, app == "playback"
+        if self._sounds == sc.hangup_at_sound:
+            self._hangup_pending = True
         if app == "playback":
-            channel.set("PLAYBACKSTATUS", "FAILED" if failed else "SUCCESS")
+            channel.set("PLAYBACKSTATUS", "FAILED" if missing else "SUCCESS")
+            return "200 result=-1" if gone and not missing else "200 result=0"
         return "200 result=0"
 
     def _exec_dial(self, data):

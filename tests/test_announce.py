@@ -16,13 +16,17 @@ from astbill.config import ConfigError, check
 from conftest import ROOT, place_call, start_held_call
 from test_failures import unreachable
 
-BEFORE_DIAL = 'GET FULL VARIABLE "${CHANNEL(state)}|${CDR(billsec,f)}|${CHANNEL(linkedid)}|${ASTBILL_ANNOUNCE}"'
-BALANCE = ['EXEC Playback "vm-youhave"', "GET VARIABLE PLAYBACKSTATUS", 'EXEC SayNumber "12"',
-           'EXEC Playback "digits/dollars"', 'EXEC Playback "vm-and"', 'EXEC SayNumber "34"',
-           'EXEC Playback "cents"']
-MINUTES = ['EXEC Playback "vm-youhave"', "GET VARIABLE PLAYBACKSTATUS", 'EXEC SayNumber "60"',
-           'EXEC Playback "minutes"']
-AFTER = ['GET FULL VARIABLE "${CDR(billsec,f)}"']
+BALANCE = ['EXEC Playback "vm-youhave,noanswer"', "GET VARIABLE PLAYBACKSTATUS",
+           'EXEC SayNumber "12"', 'EXEC Playback "digits/dollars,noanswer"',
+           'EXEC Playback "vm-and,noanswer"', 'EXEC SayNumber "34"', 'EXEC Playback "cents,noanswer"']
+MINUTES = ['EXEC Playback "vm-youhave,noanswer"', "GET VARIABLE PLAYBACKSTATUS",
+           'EXEC SayNumber "60"', 'EXEC Playback "minutes,noanswer"']
+# A ringing caller hears it as early media; an answered one's time up is read after.
+RINGING, ANSWERED = ['EXEC Progress ""'], ['GET FULL VARIABLE "${CDR(billsec,f)}"']
+
+
+def around(pieces, pre_answered=False):
+    return pieces + ANSWERED if pre_answered else RINGING + pieces
 
 
 def commands_before_dial(result):
@@ -59,11 +63,25 @@ def test_the_announcement_is_said_before_the_dial_and_never_billed(rich, mode, s
     result = place_call(rich, Scenario(answered_ms=61_500, pre_answered_ms=pre_answered_ms,
                                        sound_ms=1500))
     assert result.returncode == 0, result.dialogue_text()
-    answer = ["ANSWER"] if not pre_answered_ms else []
-    assert commands_before_dial(result) == answer + said + AFTER, result.dialogue_text()
+    assert commands_before_dial(result) == around(said, pre_answered_ms), result.dialogue_text()
+    assert "ANSWER" not in result.commands
     assert result.verbose == [], result.dialogue_text()
+    assert result.dial_args == "PJSIP/4912345678@trunk,60,L(3600000)"
     assert billed(rich, result) == ("62", "0.1200", 62, Decimal("0.12"), "settled", [])
     assert rich.balance("1001") == Decimal("12.22")
+
+
+def test_a_ringing_caller_stays_unanswered_so_the_callees_ringing_is_not_billed(rich):
+    # Answered to hear its balance, the caller's ANSWEREDTIME would count
+    # the callee's 30 s of ringing as talk.
+    rich.write_config(announce="both")
+    result = place_call(rich, Scenario(answered_ms=61_500, ring_ms=30_000, sound_ms=1500))
+    assert billed(rich, result) == ("62", "0.1200", 62, Decimal("0.12"), "settled", [])
+    busy = place_call(rich, Scenario(dialstatus="BUSY", ring_ms=5_000, sound_ms=1500))
+    assert commands_before_dial(busy)[0] == 'EXEC Progress ""'
+    assert "ANSWER" not in busy.commands
+    assert billed(rich, busy) == ("0", "0.0000", 0, Decimal("0"), "settled", [])
+    assert rich.cdr(busy.uniqueid)["disposition"] == "BUSY"
 
 
 def test_without_an_announcement_the_dialogue_is_as_before(rich):
@@ -73,8 +91,8 @@ def test_without_an_announcement_the_dialogue_is_as_before(rich):
 
 
 def test_the_channel_variable_chooses_the_announcement_for_one_call(rich):
-    result = place_call(rich, Scenario(answered_ms=1000, variables={"ASTBILL_ANNOUNCE": "minutes"}))
-    assert commands_before_dial(result) == ["ANSWER"] + MINUTES + AFTER
+    result = place_call(rich, Scenario(answered_ms=1000, variables={"ASTBILL_ANNOUNCE": "Minutes"}))
+    assert commands_before_dial(result) == around(MINUTES)
     rich.write_config(announce="minutes")
     result = place_call(rich, Scenario(answered_ms=1000, variables={"ASTBILL_ANNOUNCE": "none"}))
     assert commands_before_dial(result) == []
@@ -83,18 +101,29 @@ def test_the_channel_variable_chooses_the_announcement_for_one_call(rich):
 def test_a_channel_variable_that_is_no_mode_is_logged_and_the_config_holds(rich):
     rich.write_config(announce="minutes")
     result = place_call(rich, Scenario(answered_ms=1000, variables={"ASTBILL_ANNOUNCE": "loud"}))
-    assert commands_before_dial(result) == ["ANSWER"] + MINUTES + AFTER
+    assert commands_before_dial(result) == around(MINUTES)
     assert result.verbose == [f"astbill: {result.uniqueid} ASTBILL_ANNOUNCE 'loud' is not one"
                               " of none, balance, minutes, both: announcing minutes"]
     assert rich.reservations() == []
+
+
+def test_a_bar_in_the_channel_variable_cannot_move_the_account(rich):
+    # The account comes from a channel variable, read in the same round trip.
+    rich.write_config(account_source="variable:ACCT", announce="minutes")
+    result = place_call(rich, Scenario(answered_ms=61_500, variables={
+        "ASTBILL_ANNOUNCE": "none|2002", "ACCT": "1001"}), account="")
+    assert result.variables_set["ASTBILL_STATUS"] == "OK", result.dialogue_text()
+    assert (commands_before_dial(result), result.verbose) == ([], [])  # "none", filtered
+    assert billed(rich, result) == ("62", "0.1200", 62, Decimal("0.12"), "settled", [])
+    assert rich.balance("1001") == Decimal("12.22")
 
 
 def test_with_no_sound_files_the_call_goes_on_and_the_log_says_why(rich):
     rich.write_config(announce="both")
     result = place_call(rich, Scenario(answered_ms=61_500, missing_sounds=("*",), sound_ms=700),
                         agi_language="xx")
-    assert commands_before_dial(result) == ["ANSWER", 'EXEC Playback "vm-youhave"',
-                                            "GET VARIABLE PLAYBACKSTATUS"] + AFTER
+    assert commands_before_dial(result) == RINGING + ['EXEC Playback "vm-youhave,noanswer"',
+                                                      "GET VARIABLE PLAYBACKSTATUS"]
     assert result.verbose == [f"astbill: {result.uniqueid} no sound file 'vm-youhave' in"
                               " language 'xx': nothing announced"]
     assert billed(rich, result) == ("62", "0.1200", 62, Decimal("0.12"), "settled", [])
@@ -105,22 +134,33 @@ def test_a_missing_currency_word_is_skipped_by_asterisk_and_the_call_goes_on(ric
     rich.write_config(announce="balance")
     result = place_call(rich, Scenario(answered_ms=61_500, missing_sounds=("cents",),
                                        sound_ms=900))
-    assert commands_before_dial(result) == ["ANSWER"] + BALANCE + AFTER
+    assert commands_before_dial(result) == around(BALANCE)
     assert result.verbose == []
     assert billed(rich, result) == ("62", "0.1200", 62, Decimal("0.12"), "settled", [])
 
 
-def test_a_caller_who_hangs_up_during_the_announcement_is_not_dialled_and_pays_nothing(rich):
+@pytest.mark.parametrize("agisighup", [True, False], ids=["sighup", "agisighup-no"])
+def test_a_caller_who_hangs_up_during_the_announcement_is_not_dialled_and_pays_nothing(
+        rich, agisighup):
+    # With AGISIGHUP=no, only Playback's -1 says the caller is gone.
     rich.write_config(announce="both")
-    result = place_call(rich, Scenario(answered_ms=61_500, hangup_at_sound=3, sound_ms=800))
+    result = place_call(rich, Scenario(answered_ms=61_500, hangup_at_sound=3, sound_ms=800,
+                                       agisighup=agisighup))
     assert result.returncode == 0, result.dialogue_text()
     assert result.dial_args is None
-    assert not any(c.startswith("EXEC Dial") for c in result.commands)
     assert f"astbill: {result.uniqueid} the caller hung up during the announcement" in result.verbose
     assert rich.balance("1001") == Decimal("12.34")
     assert rich.reservations() == []
-    assert rich.cdr(result.uniqueid)["state"] in ("released", "settled")
     assert rich.cdr(result.uniqueid)["cost"] == 0
+
+
+def test_an_announcement_application_that_is_not_loaded_is_logged_and_the_call_goes_on(rich):
+    rich.write_config(announce="minutes")
+    result = place_call(rich, Scenario(answered_ms=61_500, unloaded_apps=("saynumber",)))
+    assert commands_before_dial(result) == RINGING + MINUTES[:3]
+    assert result.verbose == [f"astbill: {result.uniqueid} SayNumber is not loaded in Asterisk:"
+                              " nothing more announced"]
+    assert billed(rich, result) == ("62", "0.1200", 62, Decimal("0.12"), "settled", [])
 
 
 def test_a_balance_too_large_to_say_is_logged_and_the_minutes_are_still_said(rich):
@@ -128,7 +168,7 @@ def test_a_balance_too_large_to_say_is_logged_and_the_minutes_are_still_said(ric
     tariff.admin_ok("topup", "1001", "2000000000")
     tariff.write_config(announce="both")
     result = place_call(tariff, Scenario(answered_ms=61_500, sound_ms=500))
-    assert commands_before_dial(result) == ["ANSWER"] + MINUTES + AFTER
+    assert commands_before_dial(result) == around(MINUTES)
     assert result.verbose == [f"astbill: {result.uniqueid} balance 2000000012.34 cannot be"
                               " said: not announced"]
     assert billed(tariff, result) == ("62", "0.1200", 62, Decimal("0.12"), "settled", [])
@@ -141,9 +181,9 @@ def test_a_call_let_through_an_outage_hears_its_minutes_but_no_balance(tariff):
     tariff.write_config(database=unreachable(tariff), on_db_error="allow",
                         db_error_allow_secs=120, announce="both")
     result = place_call(tariff, Scenario(answered_ms=61_000, sound_ms=2000))
-    assert commands_before_dial(result) == ["ANSWER", 'EXEC Playback "vm-youhave"',
-                                            "GET VARIABLE PLAYBACKSTATUS", 'EXEC SayNumber "2"',
-                                            'EXEC Playback "minutes"'] + AFTER
+    assert commands_before_dial(result) == RINGING + [
+        'EXEC Playback "vm-youhave,noanswer"', "GET VARIABLE PLAYBACKSTATUS", 'EXEC SayNumber "2"',
+        'EXEC Playback "minutes,noanswer"']
     assert f"astbill: {result.uniqueid} balance unknown: not announced" in result.verbose
     tariff.write_config(database=good)
     assert json.loads(tariff.admin_process("sweep", "--json").stdout)["replayed"] == 1
@@ -158,10 +198,10 @@ def test_a_postpaid_account_below_zero_hears_what_it_may_still_spend(tariff):
     assert tariff.balance("post") == Decimal("-5.5")
     tariff.write_config(announce="balance")
     result = place_call(tariff, Scenario(answered_ms=1000), account="post")
-    assert commands_before_dial(result) == [
-        "ANSWER", 'EXEC Playback "vm-youhave"', "GET VARIABLE PLAYBACKSTATUS",
-        'EXEC SayNumber "2"', 'EXEC Playback "digits/dollars"', 'EXEC Playback "vm-and"',
-        'EXEC SayNumber "50"', 'EXEC Playback "cents"'] + AFTER
+    assert commands_before_dial(result) == RINGING + [
+        'EXEC Playback "vm-youhave,noanswer"', "GET VARIABLE PLAYBACKSTATUS",
+        'EXEC SayNumber "2"', 'EXEC Playback "digits/dollars,noanswer"',
+        'EXEC Playback "vm-and,noanswer"', 'EXEC SayNumber "50"', 'EXEC Playback "cents,noanswer"']
 
 
 @pytest.mark.parametrize("available, max_secs, pieces, problems", [
@@ -324,8 +364,8 @@ def test_over_fastagi_the_announcement_is_the_same_and_a_hangup_line_ends_it(ric
     server = Server(rich)
     try:
         result = server.call(Scenario(answered_ms=61_500, sound_ms=1500))
-        assert commands_before_dial(result) == ["ANSWER"] + BALANCE + [
-            c for c in MINUTES if c != "GET VARIABLE PLAYBACKSTATUS"] + AFTER
+        assert commands_before_dial(result) == RINGING + BALANCE + [
+            c for c in MINUTES if c != "GET VARIABLE PLAYBACKSTATUS"]
         assert billed(rich, result) == ("62", "0.1200", 62, Decimal("0.12"), "settled", [])
         # Asterisk writes HANGUP after the reply to the Playback the caller left in.
         gone = server.call(Scenario(answered_ms=61_500, hangup_at_sound=2, sound_ms=800))

@@ -154,7 +154,9 @@ class Channel:
         """What a call needs from its channel before the Dial, in one round
         trip: (ms the caller has been answered, or None if it is not;
         CHANNEL(linkedid); ASTBILL_ANNOUNCE; ${variable})."""
-        wanted = "${CHANNEL(state)}|${CDR(billsec,f)}|${CHANNEL(linkedid)}|${ASTBILL_ANNOUNCE}"
+        # FILTER: a | in ASTBILL_ANNOUNCE must not move ${variable} (the account).
+        wanted = ("${CHANNEL(state)}|${CDR(billsec,f)}|${CHANNEL(linkedid)}"
+                  "|${FILTER(a-zA-Z,${ASTBILL_ANNOUNCE})}")
         state, up_secs, linkedid, announce, value = (self.get_full(
             wanted + ("|${%s}" % variable if variable else "")).split("|", 4) + [""] * 4)[:5]
         return (seconds_to_ms(up_secs) if state == "Up" else None), linkedid, announce, value
@@ -184,42 +186,44 @@ class Channel:
         Asterisk's CDR cannot say."""
         return seconds_to_ms(self.get_full("${CDR(billsec,f)}"))
 
-    def answer(self):
-        """Answer the caller's channel; False if it could not be (gone)."""
-        reply = self.command("ANSWER")
-        return reply.code == 200 and reply.result == "0"
-
     def announce(self, announcement, seconds, up_before):
         """Play an ``announcement`` (its pieces, and the problems that left
-        parts out) to the caller for at most about ``seconds``, answering
-        the channel first unless it is up.  ``up_before`` is (ms the caller
-        has been up, when read) or None; returns it as it stands after the
+        parts out) to the caller, starting no piece after ``seconds``.
+        ``up_before`` is (ms the caller has been up, when read), or None
+        for a caller not answered: it hears the announcement as early media
+        and stays unanswered, for an answered caller's ANSWEREDTIME would
+        count the callee's ringing too (and a busy callee would be a 200
+        and a BYE).  Returns ``up_before`` as it stands after the
         announcement, and the problems, each one line."""
         pieces, problems = announcement
         if not pieces:
             return up_before, problems
         if up_before is None:
-            if not self.answer():
-                return None, problems + ["the caller could not be answered: nothing announced"]
-            up_before = 0, _monotonic()
+            self.exec("Progress", "")
         stopped = self._say(pieces, seconds)
-        # Asterisk's own count of the caller's time up; at the least, what
-        # our clock says has passed since it was last known.
-        now = _monotonic()
-        known = up_before[0] + int((now - up_before[1]) * 1000)
-        return (max(self.up_ms(), known), now), problems + [stopped] * bool(stopped)
+        if stopped:
+            problems = problems + [stopped]
+        if up_before is not None:
+            # Asterisk's own count of the caller's time up; at the least,
+            # what our clock says has passed since it was last known.
+            now = _monotonic()
+            up_before = max(self.up_ms(), up_before[0] + int((now - up_before[1]) * 1000)), now
+        return up_before, problems
 
     def _say(self, pieces, seconds):
-        # A missing sound file is Asterisk's warning, and the call goes on;
-        # one missing at the start (no sound files at all) ends it here.
+        """None, or why the announcement stopped short."""
         deadline = _monotonic() + seconds
         for n, (app, argument) in enumerate(pieces):
             if self.hungup or _monotonic() > deadline:
                 break
-            if self.exec(app, argument) < 0:
-                # What AstBill sends fails only on a channel that is gone.
+            result = self.exec(app, argument + ",noanswer" if app == "Playback" else argument)
+            if result == -2:   # res_agi: no such application
+                return f"{app} is not loaded in Asterisk: nothing more announced"
+            if result < 0:     # Playback returns -1 only when the caller is gone
                 self.hungup = True
                 break
+            # A missing sound file is Asterisk's warning, and the call goes
+            # on; one missing at the start (no sound files at all) ends it.
             if n == 0 and app == "Playback" and self.get("PLAYBACKSTATUS") == "FAILED":
                 return (f"no sound file {argument!r} in language"
                         f" {self.env.get('agi_language', '')!r}: nothing announced")
@@ -324,6 +328,9 @@ def dial_data(resource, timeout, options, limit_ms, warning_ms=0):
 # -- What the caller hears -------------------------------------------------------
 
 ANNOUNCE_MODES = ("none", "balance", "minutes", "both")
+# The longest one piece of an announcement takes (SayNumber of nine digits):
+# none starts later than this before the announcement's time is up.
+PIECE_SECS = 5
 # SayNumber takes a C int; no balance worth saying comes near it.
 SAYABLE = 999_999_999
 
@@ -339,15 +346,15 @@ def sound_problem(name):
 def announce_mode(value, default):
     """The announcement ASTBILL_ANNOUNCE (``value``) asks for, else
     ``default``: (mode, None or why ``value`` was not taken)."""
-    if value in ANNOUNCE_MODES or not value:
-        return value or default, None
+    if value.lower() in ANNOUNCE_MODES or not value:
+        return value.lower() or default, None
     return default, (f"ASTBILL_ANNOUNCE {value[:20]!r} is not one of"
                      f" {', '.join(ANNOUNCE_MODES)}: announcing {default}")
 
 
 def announcement(mode, available, max_secs, unit, cents):
     """What to say for ``mode`` (balance, minutes or both): the pieces
-    ((application, argument) ...) for ``Channel.say``, and the one-line
+    ((application, argument) ...) for ``Channel.announce``, and the one-line
     problems that left a part out.  ``available`` is the money the account
     may spend (None: unknown), said in whole ``unit`` and in hundredths
     (``cents``; "" for a currency without them), rounded down: the caller is

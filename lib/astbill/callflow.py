@@ -8,7 +8,7 @@ Asterisk.
 import time
 
 from . import ledger
-from .agi import AGIError, Hangup, announce_mode, announcement, dial_data
+from .agi import PIECE_SECS, AGIError, Hangup, announce_mode, announcement, dial_data
 from .ledger import ANNOUNCE_SECS, CAUSES, INVALID, NOACCOUNT, OK, CallRecord, valid_uniqueid
 from .money import fmt
 from .rating import normalize_destination
@@ -24,7 +24,7 @@ def handle(channel, settings, target=None):
     the ledger's Settlement once the call has ended; a closed pipe (Hangup)
     or nonsense (AGIError) before the Dial escapes, for main to report."""
     try:
-        call, up_before, settings = identify(channel, settings, target)
+        call, up_before, announce = identify(channel, settings, target)
     except Refused as refusal:
         return refuse(channel, settings, *refusal.args)
     grant = ledger.authorize(settings, call)
@@ -33,7 +33,7 @@ def handle(channel, settings, target=None):
     if grant.how == "let through":
         log(channel, f"{call.uniqueid} {grant.reason}")
     try:
-        connect(channel, call, settings, grant, up_before)
+        connect(channel, call, settings, grant, up_before, announce)
     except (Hangup, AGIError) as exc:
         # Dial may have run, but Asterisk can no longer say how it went: the
         # call stays for the sweep, which knows the longest it could last.
@@ -52,7 +52,7 @@ def handle(channel, settings, target=None):
 def identify(channel, settings, target=None):
     """The call, from the AGI environment and one read of the channel; for
     a caller answered before the Dial, (ms it has been up, when read); and
-    the settings for this call (ASTBILL_ANNOUNCE may choose its announcement)."""
+    what to announce (ASTBILL_ANNOUNCE may choose for this call)."""
     env = channel.env
     uniqueid = env.get("agi_uniqueid", "")
     if not valid_uniqueid(uniqueid):
@@ -64,8 +64,7 @@ def identify(channel, settings, target=None):
     if up_ms == 0:
         log(channel, f"{uniqueid} answered before the Dial, but CDR(billsec,f) is"
                      " unavailable: the time before the Dial will be billed")
-    mode, problem = announce_mode(announce, settings["announce"])
-    settings = settings if mode == settings["announce"] else dict(settings, announce=mode)
+    announce, problem = announce_mode(announce, settings["announce"])
     if problem:
         log(channel, f"{uniqueid} {problem}")
     callerid, name = channel.caller_id()
@@ -85,10 +84,10 @@ def identify(channel, settings, target=None):
         clid=f'"{name}" <{callerid}>'[:80], src=callerid[:80],
         dcontext=env.get("agi_context", "")[:80], channel=env.get("agi_channel", "")[:80],
         accountcode=env.get("agi_accountcode", "")[:80], linkedid=(linkedid or uniqueid)[:150])
-    return call, up_before, settings
+    return call, up_before, announce
 
 
-def connect(channel, call, settings, grant, up_before):
+def connect(channel, call, settings, grant, up_before, announce):
     """Say what the caller has, then dial with the granted limit enforced by
     Asterisk, trunk after trunk while one is unavailable or congested;
     record on ``call`` how it ended (CANCEL if it never reached a Dial)."""
@@ -97,11 +96,11 @@ def connect(channel, call, settings, grant, up_before):
         channel.set("ASTBILL_MAXSECS", call.max_secs)
         if settings["warning_secs"]:
             channel.set("LIMIT_WARNING_FILE", settings["warning_sound"])
-        if settings["announce"] != "none":
-            # All the time the caller is up before the Dial is off the talk time.
+        if announce != "none":
+            # No time the caller is up before the Dial is talk time.
             up_before, problems = channel.announce(announcement(
-                settings["announce"], grant.available, call.max_secs, settings["currency_unit"],
-                settings["currency_cents"]), ANNOUNCE_SECS, up_before)
+                announce, grant.available, call.max_secs, settings["currency_unit"],
+                settings["currency_cents"]), ANNOUNCE_SECS - PIECE_SECS, up_before)
             for problem in problems:
                 log(channel, f"{call.uniqueid} {problem}")
     except (Hangup, AGIError):

@@ -266,11 +266,11 @@ def check_allow(allow, path):
 def check_sounds(settings, path):
     """The sound files AstBill hands Asterisk: file names, nothing else
     (a comma or an & would make Playback read another file)."""
-    for key in ("currency_unit", "currency_cents"):
-        if settings[key] and sound_problem(settings[key]):
-            raise ConfigError(f"{path}: {key} {sound_problem(settings[key])}")
-    if sound_problem(settings["warning_sound"]):
-        raise ConfigError(f"{path}: warning_sound {sound_problem(settings['warning_sound'])}")
+    for key in ("currency_unit", "currency_cents", "warning_sound"):
+        # Only the currency words may be "" (not said).
+        problem = sound_problem(settings[key]) if settings[key] or key == "warning_sound" else None
+        if problem:
+            raise ConfigError(f"{path}: {key} {problem}")
     from .ledger import CAUSES
     for status, prompt in settings["refusal_prompts"].items():
         if status not in CAUSES:

@@ -378,13 +378,12 @@ def dials(routes, settings):
     return min(len(routes), settings["lcr_max_trunks"]) if routes else 1
 
 
-def answer_window(settings, dials, announcing=None):
+def answer_window(settings, dials):
     """How long after its authorization a call may be answered: each Dial
-    (one per trunk tried) may ring for ring_timeout, after the announcement
-    if there is one (``announcing``; by default, if settings say so)."""
-    if announcing is None:
-        announcing = settings["announce"] != "none"
-    return settings["ring_timeout"] * max(dials, 1) + ANSWER_SLACK_SECS + ANNOUNCE_SECS * announcing
+    (one per trunk tried) may ring for ring_timeout, after an announcement.
+    The same for every call, announced or not (ASTBILL_ANNOUNCE may turn
+    it on for one), so that the sweep prices a call by its own window."""
+    return settings["ring_timeout"] * max(dials, 1) + ANSWER_SLACK_SECS + ANNOUNCE_SECS
 
 
 def quote(settings, store, account, number):

@@ -200,8 +200,7 @@ def overdue(reservation, settings, now):
     """True once the call behind ``reservation`` cannot still be up -- rung
     on every trunk it may try, then talked its granted time: both times are
     the database's."""
-    # Any call may have been announced (ASTBILL_ANNOUNCE turns it on for one).
-    limit = (reservation["max_secs"] + answer_window(settings, settings["lcr_max_trunks"], True)
+    limit = (reservation["max_secs"] + answer_window(settings, settings["lcr_max_trunks"])
              + settings["sweep_grace_secs"])
     return now - epoch(reservation["created"]) > limit
 
