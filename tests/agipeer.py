@@ -28,7 +28,8 @@ How a call plays out:
   share nothing but the uniqueid counter, so many can run at once.
 
 Not recorded, so modelled from res_agi/app_dial and documented where done:
-``L(0)``/``S(0)`` refusal, HANGUP, EXEC of applications other than Dial/Set,
+``L(0)``/``S(0)`` refusal, HANGUP, EXEC Playback and SayNumber, EXEC of
+other applications than Dial/Set,
 the 520 reply to a malformed command, HANGUPCAUSE for unrecorded cases.
 """
 
@@ -137,6 +138,13 @@ class Scenario:
     # Statuses of the first Dials, before ``dialstatus`` (trunk failover:
     # e.g. ("CHANUNAVAIL", "CONGESTION") then an ANSWER).
     earlier_dials: tuple = ()
+    # Announcements (EXEC Playback, SayNumber): model ms each takes; sound
+    # files that are not installed ("*": none is); the caller hangs up
+    # during the Nth of them (1 is the first).
+    sound_ms: int = 0
+    missing_sounds: tuple = ()
+    hangup_at_sound: int = 0
+    unloaded_apps: tuple = ()  # EXEC of these answers -2, as res_agi does for an unknown app
 
     def __post_init__(self):
         if self.dialstatus not in DIAL_STATUSES:
@@ -282,6 +290,20 @@ def _bridge_limit_ms(options: dict) -> int | None:
 
 # --- the caller's channel --------------------------------------------------
 
+def _filter(allowed: str, text: str) -> str:
+    """FILTER(allowed,text) as func_strings.c has it: ``text`` with only
+    the characters ``allowed`` names, singly or as ranges (a-z)."""
+    keep, i = set(), 0
+    while i < len(allowed):
+        if i + 2 < len(allowed) and allowed[i + 1] == "-":
+            keep.update(chr(c) for c in range(ord(allowed[i]), ord(allowed[i + 2]) + 1))
+            i += 3
+        else:
+            keep.add(allowed[i])
+            i += 1
+    return "".join(c for c in text if c in keep)
+
+
 def _cdr_time(epoch: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
@@ -335,6 +357,8 @@ class _Channel:
     def get(self, name: str) -> str | None:
         """The value GET VARIABLE reports; None when unset (``200 result=0``)."""
         key = self._key(name)
+        if key.startswith("FILTER(") and key.endswith(")"):
+            return _filter(*key[7:-1].partition(",")[::2])
         builtins = self._builtins()
         return builtins[key] if key in builtins else self.variables.get(key)
 
@@ -712,13 +736,41 @@ class CallHandle:
         if len(argv) < 2:
             return REPLY_USAGE
         app, data = argv[1], argv[2] if len(argv) > 2 else ""
+        if app.lower() in self.scenario.unloaded_apps:
+            return "200 result=-2"
         if app.lower() == "dial":
             return self._exec_dial(data)
+        if app.lower() in ("playback", "saynumber"):
+            return self._exec_sound(app.lower(), data)
         if app.lower() == "set":
             name, _, value = data.partition("=")
             self._channel.set(name, value)
         # Every other application "succeeds" as NoOp and Wait did in the
         # recordings (sip-caller_hangup.txt, local-preanswered_callee_hangup.txt).
+        return "200 result=0"
+
+    def _exec_sound(self, app, data):
+        """Playback or SayNumber, as app_playback.c and pbx_builtins.c have
+        them (not recorded).  Playback answers a channel that is not up
+        unless told ``noanswer``; a file it cannot open makes PLAYBACKSTATUS
+        FAILED and it goes on, returning 0; a hangup while it plays ends it
+        with -1 (PLAYBACKSTATUS SUCCESS).  SayNumber skips a missing file
+        silently and returns 0, hangup or not.  Each takes ``sound_ms`` of
+        the model timeline."""
+        sc, channel = self.scenario, self._channel
+        self._sounds = getattr(self, "_sounds", 0) + 1
+        name, *options = data.split(",")
+        if app == "playback" and not channel.up and "noanswer" not in options:
+            channel.answer()
+        missing = "*" in sc.missing_sounds or name in sc.missing_sounds
+        gone = channel.dead or self._sounds == sc.hangup_at_sound
+        if not channel.dead:
+            channel.now_ms += sc.sound_ms
+        if self._sounds == sc.hangup_at_sound:
+            self._hangup_pending = True
+        if app == "playback":
+            channel.set("PLAYBACKSTATUS", "FAILED" if missing else "SUCCESS")
+            return "200 result=-1" if gone and not missing else "200 result=0"
         return "200 result=0"
 
     def _exec_dial(self, data):

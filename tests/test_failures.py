@@ -99,8 +99,9 @@ def test_the_sweep_command_and_a_stale_reservation_in_the_audit(tariff):
 def test_the_sweep_waits_out_the_grace_to_the_second(tariff):
     tariff.write_config(sweep_grace_secs=100)
     result = place_call(tariff, Scenario(kill_after_dial_sent=True))
-    # max_secs, ringing on each trunk it may try (3) and 10 s to set up, the grace
-    deadline = 3600 + 3 * 60 + 10 + 100
+    # max_secs, ringing on each trunk it may try (3) and 10 s to set up, 20 s
+    # for an announcement before the Dial, the grace
+    deadline = 3600 + 3 * 60 + 10 + 20 + 100
     tariff.backdate(deadline - 5)
     assert tariff.sweep() == []
     tariff.backdate(10)

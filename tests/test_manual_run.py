@@ -20,7 +20,7 @@ def test_answered_fixture_prints_the_dialogue_and_bills(tariff):
     result = run_fixture(tariff, "answered")
     assert (result.returncode, result.stderr) == (0, "")
     assert result.stdout.splitlines() == [
-        'GET FULL VARIABLE "${CHANNEL(state)}|${CDR(billsec,f)}|${CHANNEL(linkedid)}"',
+        'GET FULL VARIABLE "${CHANNEL(state)}|${CDR(billsec,f)}|${CHANNEL(linkedid)}|${FILTER(a-zA-Z,${ASTBILL_ANNOUNCE})}"',
         'SET VARIABLE ASTBILL_STATUS "OK"',
         'SET VARIABLE ASTBILL_MAXSECS "3600"',
         'EXEC Dial "PJSIP/4912345678@trunk,60,L(3600000)"',

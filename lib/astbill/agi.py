@@ -16,6 +16,8 @@ command after SIGHUP into an exception and writes debug lines to Asterisk's
 console), so the protocol is spoken here directly; it is small.
 """
 
+from time import monotonic as _monotonic
+
 MAX_LINE = 8192
 # The environment block's keys in the order res_agi writes them (FastAGI's
 # two first), then agi_arg_1, agi_arg_2 ...  A caller chooses their own
@@ -151,11 +153,85 @@ class Channel:
     def before_dial(self, variable=None):
         """What a call needs from its channel before the Dial, in one round
         trip: (ms the caller has been answered, or None if it is not;
-        CHANNEL(linkedid); ${variable})."""
-        wanted = "${CHANNEL(state)}|${CDR(billsec,f)}|${CHANNEL(linkedid)}"
-        state, up_secs, linkedid, value = (self.get_full(
-            wanted + ("|${%s}" % variable if variable else "")).split("|", 3) + [""] * 3)[:4]
-        return (seconds_to_ms(up_secs) if state == "Up" else None), linkedid, value
+        CHANNEL(linkedid); ASTBILL_ANNOUNCE; ${variable})."""
+        # FILTER: a | in ASTBILL_ANNOUNCE must not move ${variable} (the account).
+        wanted = ("${CHANNEL(state)}|${CDR(billsec,f)}|${CHANNEL(linkedid)}"
+                  "|${FILTER(a-zA-Z,${ASTBILL_ANNOUNCE})}")
+        state, up_secs, linkedid, announce, value = (self.get_full(
+            wanted + ("|${%s}" % variable if variable else "")).split("|", 4) + [""] * 4)[:5]
+        return (seconds_to_ms(up_secs) if state == "Up" else None), linkedid, announce, value
+
+    def dial(self, data):
+        """EXEC Dial(data) and how it went: (DIALSTATUS, ms the caller's
+        channel has been up, DIALEDPEERNAME); None if it could not be sent."""
+        try:
+            self.exec("Dial", data)
+        except Hangup as exc:
+            if exc.sent:
+                raise
+            return None
+        # Dial's result is -1 after every answered call without the g option,
+        # and after a caller hangup; its variables say what happened.
+        fields = self.get_full("${DIALSTATUS}|${ANSWEREDTIME_MS}|${ANSWEREDTIME}|"
+                               "${CDR(billsec,f)}|${DIALEDPEERNAME}").split("|", 4)
+        dialstatus, up_ms, up_s, billsec_f, peer = fields + [""] * (5 - len(fields))
+        if dialstatus == "" and (up_ms or up_s):
+            # Dial sets these only for an answered call: never let a missing
+            # status make a talked call free.
+            dialstatus = "ANSWER"
+        return dialstatus, answered_ms(up_ms, up_s, billsec_f), peer
+
+    def up_ms(self):
+        """How long the caller's channel has been answered, in ms; 0 when
+        Asterisk's CDR cannot say."""
+        return seconds_to_ms(self.get_full("${CDR(billsec,f)}"))
+
+    def announce(self, announcement, seconds, up_before):
+        """Play an ``announcement`` (its pieces, and the problems that left
+        parts out) to the caller, starting no piece after ``seconds``.
+        ``up_before`` is (ms the caller has been up, when read), or None
+        for a caller not answered: it hears the announcement as early media
+        and stays unanswered, for an answered caller's ANSWEREDTIME would
+        count the callee's ringing too (and a busy callee would be a 200
+        and a BYE).  Returns ``up_before`` as it stands after the
+        announcement, and the problems, each one line."""
+        pieces, problems = announcement
+        if not pieces:
+            return up_before, problems
+        if up_before is None:
+            self.exec("Progress", "")
+        stopped = self._say(pieces, seconds)
+        if stopped:
+            problems = problems + [stopped]
+        if up_before is not None:
+            # Asterisk's own count of the caller's time up; at the least,
+            # what our clock says has passed since it was last known.
+            now = _monotonic()
+            up_before = max(self.up_ms(), up_before[0] + int((now - up_before[1]) * 1000)), now
+        return up_before, problems
+
+    def _say(self, pieces, seconds):
+        """None, or why the announcement stopped short."""
+        deadline = _monotonic() + seconds
+        for n, (app, argument) in enumerate(pieces):
+            if self.hungup or _monotonic() > deadline:
+                break
+            result = self.exec(app, argument + ",noanswer" if app == "Playback" else argument)
+            if result == -2:   # res_agi: no such application
+                return f"{app} is not loaded in Asterisk: nothing more announced"
+            if result < 0:     # Playback returns -1 only when the caller is gone
+                self.hungup = True
+                break
+            # A missing sound file is Asterisk's warning, and the call goes
+            # on; one missing at the start (no sound files at all) ends it.
+            if n == 0 and app == "Playback" and self.get("PLAYBACKSTATUS") == "FAILED":
+                return (f"no sound file {argument!r} in language"
+                        f" {self.env.get('agi_language', '')!r}: nothing announced")
+        if self.hungup:
+            return "the caller hung up during the announcement"
+        if _monotonic() > deadline:
+            return f"announcement cut short after {seconds}s"
+        return None
 
     def caller_id(self):
         """(number, name) of the caller; Asterisk writes 'unknown' for absent ones."""
@@ -247,3 +323,63 @@ def dial_data(resource, timeout, options, limit_ms, warning_ms=0):
             raise ValueError(f"{name} {text[:80]!r} {problem}")
     limit = f"L({limit_ms}" + (f":{warning_ms}" if 0 < warning_ms < limit_ms else "") + ")"
     return f"{resource},{timeout},{options}{limit}"
+
+
+# -- What the caller hears -------------------------------------------------------
+
+ANNOUNCE_MODES = ("none", "balance", "minutes", "both")
+# The longest one piece of an announcement takes (SayNumber of nine digits):
+# none starts later than this before the announcement's time is up.
+PIECE_SECS = 5
+# SayNumber takes a C int; no balance worth saying comes near it.
+SAYABLE = 999_999_999
+
+
+def sound_problem(name):
+    """Why ``name`` is not a sound file name Asterisk can be handed, or None."""
+    if not name or len(name) > 200 or not all(
+            c.isascii() and (c.isalnum() or c in "_-./") for c in name):
+        return "must be a sound file name (letters, digits, _ - . / only)"
+    return None
+
+
+def announce_mode(value, default):
+    """The announcement ASTBILL_ANNOUNCE (``value``) asks for, else
+    ``default``: (mode, None or why ``value`` was not taken)."""
+    if value.lower() in ANNOUNCE_MODES or not value:
+        return value.lower() or default, None
+    return default, (f"ASTBILL_ANNOUNCE {value[:20]!r} is not one of"
+                     f" {', '.join(ANNOUNCE_MODES)}: announcing {default}")
+
+
+def announcement(mode, available, max_secs, unit, cents):
+    """What to say for ``mode`` (balance, minutes or both): the pieces
+    ((application, argument) ...) for ``Channel.announce``, and the one-line
+    problems that left a part out.  ``available`` is the money the account
+    may spend (None: unknown), said in whole ``unit`` and in hundredths
+    (``cents``; "" for a currency without them), rounded down: the caller is
+    never told of money that is not there."""
+    pieces, problems = [], []
+    if mode in ("balance", "both"):
+        if available is None:
+            problems.append("balance unknown: not announced")
+        elif not 0 <= available <= SAYABLE:
+            problems.append(f"balance {available:.2f} cannot be said: not announced")
+        else:
+            whole = int(available)
+            hundredths = int((available - whole) * 100) if cents else 0
+            pieces.append(("Playback", "vm-youhave"))
+            if whole or not hundredths:
+                pieces += [("SayNumber", str(whole))] + ([("Playback", unit)] if unit else [])
+            if whole and hundredths:
+                pieces.append(("Playback", "vm-and"))
+            if hundredths:
+                pieces += [("SayNumber", str(hundredths)), ("Playback", cents)]
+    if mode in ("minutes", "both"):
+        if max_secs <= 0:
+            problems.append("no time granted: minutes not announced")
+        else:
+            count, word = (max_secs // 60, "minute") if max_secs >= 60 else (max_secs, "second")
+            pieces += [("Playback", "vm-youhave"), ("SayNumber", str(count)),
+                       ("Playback", word if count == 1 else word + "s")]
+    return pieces, problems

@@ -8,18 +8,14 @@ Asterisk.
 import time
 
 from . import ledger
-from .agi import AGIError, Hangup, answered_ms, dial_data
-from .ledger import INVALID, NOACCOUNT, OK, CallRecord, valid_uniqueid
+from .agi import PIECE_SECS, AGIError, Hangup, announce_mode, announcement, dial_data
+from .ledger import ANNOUNCE_SECS, CAUSES, INVALID, NOACCOUNT, OK, CallRecord, valid_uniqueid
 from .money import fmt
 from .rating import normalize_destination
 
 
 class Refused(Exception):
-    """The call may not be made; ``status`` goes to ASTBILL_STATUS."""
-
-    def __init__(self, status, reason):
-        super().__init__(reason)
-        self.status = status
+    """The call may not be made: (its ASTBILL_STATUS, why)."""
 
 
 def handle(channel, settings, target=None):
@@ -28,16 +24,16 @@ def handle(channel, settings, target=None):
     the ledger's Settlement once the call has ended; a closed pipe (Hangup)
     or nonsense (AGIError) before the Dial escapes, for main to report."""
     try:
-        call, up_before = identify(channel, settings, target)
+        call, up_before, announce = identify(channel, settings, target)
     except Refused as refusal:
-        return refuse(channel, refusal.status, str(refusal))
+        return refuse(channel, settings, *refusal.args)
     grant = ledger.authorize(settings, call)
     if grant.status != OK:
-        return refuse(channel, grant.status, grant.reason)
+        return refuse(channel, settings, grant.status, grant.reason)
     if grant.how == "let through":
         log(channel, f"{call.uniqueid} {grant.reason}")
     try:
-        connect(channel, call, settings, grant.routes, up_before)
+        connect(channel, call, settings, grant, up_before, announce)
     except (Hangup, AGIError) as exc:
         # Dial may have run, but Asterisk can no longer say how it went: the
         # call stays for the sweep, which knows the longest it could last.
@@ -54,19 +50,23 @@ def handle(channel, settings, target=None):
 
 
 def identify(channel, settings, target=None):
-    """The call, from the AGI environment and one read of the channel; and,
-    for a caller answered before the Dial, (ms it has been up, when read)."""
+    """The call, from the AGI environment and one read of the channel; for
+    a caller answered before the Dial, (ms it has been up, when read); and
+    what to announce (ASTBILL_ANNOUNCE may choose for this call)."""
     env = channel.env
     uniqueid = env.get("agi_uniqueid", "")
     if not valid_uniqueid(uniqueid):
         raise Refused(INVALID, f"bad uniqueid {uniqueid[:40]!r}")
     source = settings["account_source"]
     variable = source[9:] if source.startswith("variable:") else None
-    up_ms, linkedid, account_var = channel.before_dial(variable)
+    up_ms, linkedid, announce, account_var = channel.before_dial(variable)
     up_before = None if up_ms is None else (up_ms, time.monotonic())
     if up_ms == 0:
         log(channel, f"{uniqueid} answered before the Dial, but CDR(billsec,f) is"
                      " unavailable: the time before the Dial will be billed")
+    announce, problem = announce_mode(announce, settings["announce"])
+    if problem:
+        log(channel, f"{uniqueid} {problem}")
     callerid, name = channel.caller_id()
     account = account_var if variable else (
         callerid if source == "callerid" else env.get("agi_accountcode", ""))
@@ -79,25 +79,33 @@ def identify(channel, settings, target=None):
                                    settings["national_prefix"], settings["country_code"])
     if number is None:
         raise Refused(INVALID, f"bad destination {dialled[:40]!r}")
-
     call = CallRecord(
         uniqueid=uniqueid, account=account, number=number, started=int(time.time()),
         clid=f'"{name}" <{callerid}>'[:80], src=callerid[:80],
         dcontext=env.get("agi_context", "")[:80], channel=env.get("agi_channel", "")[:80],
         accountcode=env.get("agi_accountcode", "")[:80], linkedid=(linkedid or uniqueid)[:150])
-    return call, up_before
+    return call, up_before, announce
 
 
-def connect(channel, call, settings, routes, up_before):
-    """Dial with the granted limit enforced by Asterisk, trunk after trunk
-    while one is unavailable or congested; record on ``call`` how it ended
-    (CANCEL if it never reached a Dial)."""
+def connect(channel, call, settings, grant, up_before, announce):
+    """Say what the caller has, then dial with the granted limit enforced by
+    Asterisk, trunk after trunk while one is unavailable or congested;
+    record on ``call`` how it ended (CANCEL if it never reached a Dial)."""
     try:
         channel.set("ASTBILL_STATUS", OK)
         channel.set("ASTBILL_MAXSECS", call.max_secs)
+        if settings["warning_secs"]:
+            channel.set("LIMIT_WARNING_FILE", settings["warning_sound"])
+        if announce != "none":
+            # No time the caller is up before the Dial is talk time.
+            up_before, problems = channel.announce(announcement(
+                announce, grant.available, call.max_secs, settings["currency_unit"],
+                settings["currency_cents"]), ANNOUNCE_SECS - PIECE_SECS, up_before)
+            for problem in problems:
+                log(channel, f"{call.uniqueid} {problem}")
     except (Hangup, AGIError):
         return call.end("CANCEL", 0)  # never dialled: released at once
-    for route in routes or [None]:
+    for route in grant.routes or [None]:
         if route is not None:
             call.trunk, call.dial = route.trunk, route.dial_string(call.number)
             call.trunk_deck = route.deck or 0
@@ -117,30 +125,22 @@ def dial(channel, call, settings, up_before):
     except ValueError as exc:  # a template made before it was checked so: never dialled
         log(channel, f"{call.uniqueid} not dialled: {exc}")
         return False
-    try:
-        channel.exec("Dial", data)
-    except Hangup as exc:
-        if exc.sent:
-            raise
+    outcome = channel.dial(data)
+    if outcome is None:
         return False
-    # Dial's result is -1 after every answered call without the g option,
-    # and after a caller hangup; DIALSTATUS says what happened.
-    fields = channel.get_full("${DIALSTATUS}|${ANSWEREDTIME_MS}|${ANSWEREDTIME}|"
-                              "${CDR(billsec,f)}|${DIALEDPEERNAME}").split("|", 4)
-    dialstatus, up_ms, up_s, billsec_f, peer = fields + [""] * (5 - len(fields))
-    if dialstatus == "" and (up_ms or up_s):
-        # Dial sets these only for an answered call: never let a missing
-        # status make a talked call free.
-        dialstatus = "ANSWER"
     # ANSWEREDTIME counts from the caller's answer: a caller answered before
-    # the Dial (IVR, PIN prompt) must not pay for that time.
-    call.end(dialstatus, answered_ms(up_ms, up_s, billsec_f) - before_ms, peer)
+    # the Dial (IVR, PIN prompt, the announcement) must not pay for that time.
+    dialstatus, up_ms, peer = outcome
+    call.end(dialstatus, up_ms - before_ms, peer)
     return True
 
 
-def refuse(channel, status, reason):
+def refuse(channel, settings, status, reason):
+    """For the dialplan: the status, the Q.850 cause, the prompt to play first."""
     channel.set("ASTBILL_STATUS", status)
     channel.set("ASTBILL_MAXSECS", 0)
+    channel.set("ASTBILL_CAUSE", CAUSES[status])
+    channel.set("ASTBILL_PROMPT", settings["refusal_prompts"].get(status, ""))
     log(channel, f"{status} {reason}")
 
 

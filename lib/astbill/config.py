@@ -13,7 +13,7 @@ import marshal
 import os
 
 from . import __version__
-from .agi import dial_field_problem
+from .agi import ANNOUNCE_MODES, dial_field_problem, sound_problem
 
 DEFAULT_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "conf", "astbill.yaml")
@@ -58,6 +58,15 @@ DEFAULTS = {
     "fastagi_max_calls": 100,
     "fastagi_idle_secs": 5,
     "fastagi_allow": ["127.0.0.1/32", "::1/128"],
+    # What the caller hears: the balance and/or the minutes before the Dial
+    # (ASTBILL_ANNOUNCE overrides it for a call), in these currency words;
+    # the L() warning's sound (Asterisk's own "you have N minutes" by
+    # default); a prompt per refusal, for the dialplan to play.
+    "announce": "none",
+    "currency_unit": "digits/dollars",
+    "currency_cents": "cents",
+    "warning_sound": "timeleft",
+    "refusal_prompts": {},
 }
 _TYPES = {
     "database": str, "account_source": str, "international_prefix": str,
@@ -70,10 +79,12 @@ _TYPES = {
     "mysql_driver": str, "tariffs": dict, "timezone": str, "lcr_allow_loss": bool,
     "lcr_max_trunks": int, "billsec_rounding": str, "trust_callerid": bool,
     "fastagi_max_calls": int, "fastagi_idle_secs": int, "fastagi_allow": list,
+    "announce": str, "currency_unit": str, "currency_cents": str, "warning_sound": str,
+    "refusal_prompts": dict,
 }
 _CHOICES = {"on_db_error": ("refuse", "allow"), "sweep_policy": ("release", "charge"),
             "mysql_driver": ("auto", "mysqlclient", "pymysql"),
-            "billsec_rounding": ("up", "down")}
+            "billsec_rounding": ("up", "down"), "announce": ANNOUNCE_MODES}
 _RANGES = {"max_call_secs": (1, 86400), "ring_timeout": (1, 600),
            "warning_secs": (0, 3600), "decimals": (0, 6),
            "lock_wait_secs": (1, 60), "db_error_allow_secs": (1, 600),
@@ -230,6 +241,7 @@ def check(raw, path="config"):
     if problem:
         raise ConfigError(f"{path}: dial_options {problem}")
     check_allow(settings["fastagi_allow"], path)
+    check_sounds(settings, path)
     for name, tariff in settings["tariffs"].items():
         if not isinstance(tariff, dict) or set(tariff) - {"dial"} or not isinstance(tariff.get("dial", ""), str):
             raise ConfigError(f"{path}: tariffs.{name} may only set dial (a string)")
@@ -249,6 +261,25 @@ def check_allow(allow, path):
         except (TypeError, ValueError):
             raise ConfigError(f"{path}: fastagi_allow must list addresses or networks"
                               f" such as 10.0.0.0/8, not {str(entry)[:60]!r}") from None
+
+
+def check_sounds(settings, path):
+    """The sound files AstBill hands Asterisk: file names, nothing else
+    (a comma or an & would make Playback read another file)."""
+    for key in ("currency_unit", "currency_cents", "warning_sound"):
+        # Only the currency words may be "" (not said).
+        problem = sound_problem(settings[key]) if settings[key] or key == "warning_sound" else None
+        if problem:
+            raise ConfigError(f"{path}: {key} {problem}")
+    from .ledger import CAUSES
+    for status, prompt in settings["refusal_prompts"].items():
+        if status not in CAUSES:
+            raise ConfigError(f"{path}: refusal_prompts may name {', '.join(CAUSES)},"
+                              f" not {str(status)[:40]!r}")
+        problem = ("must be a string" if not isinstance(prompt, str)
+                   else sound_problem(prompt) if prompt else None)
+        if problem:
+            raise ConfigError(f"{path}: refusal_prompts.{status} {problem}")
 
 
 def check_dial(template, where):

@@ -26,6 +26,12 @@ from .store.spool import (BAD, CLAIM_LOCK, LEGACY, ensure_dir, holds, read_json,
 OK, NOFUNDS, NORATE, NOROUTE, MAXCALLS, NOACCOUNT, INVALID, ERROR = (
     "OK", "NOFUNDS", "NORATE", "NOROUTE", "MAXCALLS", "NOACCOUNT", "INVALID", "ERROR")
 
+# The Q.850 cause the dialplan hangs a refused call up with (ASTBILL_CAUSE),
+# chosen for the SIP answer chan_pjsip and chan_sip give it (their
+# hangup_cause2sip): 403, 404, 503, 486, 484, 500 -- INSTALL has the table.
+CAUSES = {NOFUNDS: 21, NOACCOUNT: 21, NORATE: 1, NOROUTE: 34, MAXCALLS: 17, INVALID: 28,
+          ERROR: 38}
+
 # What Asterisk's CDR calls each DIALSTATUS.
 DISPOSITION = {"ANSWER": "ANSWERED", "BUSY": "BUSY", "NOANSWER": "NO ANSWER",
                "CANCEL": "NO ANSWER", "CONGESTION": "CONGESTION",
@@ -41,6 +47,9 @@ SETTLE_PAUSE_SECS = 0.5   # times the try number, between settlement tries
 # A call may be answered this long after its authorization, beyond the ring
 # timeout: the Dial is sent, the trunk takes its time to set up.
 ANSWER_SLACK_SECS = 10
+# The balance and minutes said before the Dial (``announce``) take at most
+# about this long, which delays the answer as much.
+ANNOUNCE_SECS = 20
 
 
 def timestamp(epoch=None):
@@ -138,14 +147,16 @@ class Grant:
     """The answer to an authorization: ``how`` it went (authorized, let
     through, refused, busy, outage), ``status`` for ASTBILL_STATUS, the
     seconds granted, and a one-line reason for Asterisk's log."""
-    __slots__ = ("how", "status", "max_secs", "reason", "routes")
+    __slots__ = ("how", "status", "max_secs", "reason", "routes", "available")
 
-    def __init__(self, how, status, max_secs=0, reason="", routes=None):
+    def __init__(self, how, status, max_secs=0, reason="", routes=None, available=None):
         self.how = how
         self.status = status
         self.max_secs = max_secs
         self.reason = reason
         self.routes = routes or []  # trunks in dial order; none: the dial template
+        # What the account could spend before this call (None: not known).
+        self.available = available
 
 
 class Settlement:
@@ -309,8 +320,8 @@ def decide(call, sell, routes, account, settings):
     if max_calls and calls >= max_calls:
         return Grant("refused", MAXCALLS, reason=f"account {call.account} has {calls} calls"
                                                  f" in progress, its cap"), None
-    max_secs, max_cost = grant(sell, call, balance + credit_limit - reserved, settings,
-                               dials(routes, settings))
+    available = balance + credit_limit - reserved
+    max_secs, max_cost = grant(sell, call, available, settings, dials(routes, settings))
     if max_secs <= 0:
         return Grant("refused", NOFUNDS, reason=f"account {call.account} to {call.number}"), None
     if routes:
@@ -321,7 +332,7 @@ def decide(call, sell, routes, account, settings):
         call.trunk, call.dial = routes[0].trunk, routes[0].dial_string(call.number)
         call.trunk_deck = routes[0].deck
     call.max_secs = max_secs
-    return Grant("authorized", OK, max_secs, routes=routes), max_cost
+    return Grant("authorized", OK, max_secs, routes=routes, available=available), max_cost
 
 
 def price(store, call, settings):
@@ -369,8 +380,10 @@ def dials(routes, settings):
 
 def answer_window(settings, dials):
     """How long after its authorization a call may be answered: each Dial
-    (one per trunk tried) may ring for ring_timeout."""
-    return settings["ring_timeout"] * max(dials, 1) + ANSWER_SLACK_SECS
+    (one per trunk tried) may ring for ring_timeout, after an announcement.
+    The same for every call, announced or not (ASTBILL_ANNOUNCE may turn
+    it on for one), so that the sweep prices a call by its own window."""
+    return settings["ring_timeout"] * max(dials, 1) + ANSWER_SLACK_SECS + ANNOUNCE_SECS
 
 
 def quote(settings, store, account, number):
@@ -692,7 +705,8 @@ def let_through_up(settings, account):
 def overdue_claim(call, settings):
     """A let-through call that must be over, by this box's clock (the one
     that wrote the claim)."""
-    limit = call.max_secs + settings["ring_timeout"] + settings["sweep_grace_secs"]
+    limit = (call.max_secs + settings["ring_timeout"] + ANNOUNCE_SECS
+             + settings["sweep_grace_secs"])
     return time.time() - call.started > limit
 
 

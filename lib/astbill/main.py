@@ -14,7 +14,7 @@ import _signal as signal
 from . import callflow
 from .agi import AGIError, BadEnvironment, Channel, Hangup
 from .config import ConfigError, load
-from .ledger import ERROR
+from .ledger import CAUSES, ERROR
 
 
 def main(argv, stdin=None, stdout=None):
@@ -46,13 +46,13 @@ def bill(channel, arguments, log=_stderr):
         return settings, callflow.handle(channel, settings, target), None
     except (ConfigError, BadEnvironment) as exc:
         problem = f"{ERROR} {exc}"
-        report(channel, problem, log)
+        report(channel, problem, log, settings)
     except (Hangup, AGIError) as exc:
         problem = str(exc)
         log(f"astbill: {exc}")
     except Exception as exc:  # a bug must not leave the dialplan without a status
         problem = f"{ERROR} internal error: {type(exc).__name__}: {exc}"
-        report(channel, problem, log)
+        report(channel, problem, log, settings)
     return settings, None, problem
 
 
@@ -73,9 +73,13 @@ def parse_args(args):
     return config, (args[0] if args and args[0] else None)
 
 
-def report(channel, message, log=_stderr):
+def report(channel, message, log=_stderr, settings=None):
+    """ERROR for the dialplan, with its hangup cause and prompt as a
+    refusal has them; the message in Asterisk's log (or ours)."""
     try:
         channel.set("ASTBILL_STATUS", ERROR)
+        channel.set("ASTBILL_CAUSE", CAUSES[ERROR])
+        channel.set("ASTBILL_PROMPT", settings["refusal_prompts"].get(ERROR, "") if settings else "")
         channel.verbose(f"astbill: {' '.join(message.split())}")
     except (Hangup, AGIError):
         log(f"astbill: {message}")
