@@ -220,7 +220,7 @@ def test_a_mistyped_command_line_is_one_line(billing):
         (("account", "add", "1001"), "the following arguments are required: --balance",
          "account add"),
         (("account", "drop", "1001"), "argument ACTION: invalid choice: 'drop' (choose from"
-         " 'add', 'set', 'show', 'list')", "account"),
+         " 'add', 'set', 'show', 'list', 'password')", "account"),
     ]
     for argv, error, prog in cases:
         assert billing.admin(*argv) == (
@@ -239,7 +239,7 @@ def each_command(parser=None, path=()):
 
 def test_every_command_and_option_is_described_with_working_examples(billing):
     commands = list(each_command())
-    assert len(commands) == 30
+    assert len(commands) == 31
     for words, parser in commands:
         status, out, err = billing.admin(*words, "--help")
         assert (status, err) == (0, ""), words

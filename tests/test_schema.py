@@ -17,7 +17,7 @@ from test_admin import record_cdrs
 
 RELEASE_1 = Path(__file__).resolve().parent / "fixtures" / "release-1"
 TABLES = ("astaccount", "astrate", "astcreditres", "astcdr", "astledger")
-COLUMNS_ADDED = {"astaccount": 2, "astcdr": 5, "astledger": 1}   # since the first release
+COLUMNS_ADDED = {"astaccount": 3, "astcdr": 5, "astledger": 1}   # since the first release
 
 
 @pytest.fixture(params=["sqlite", "mariadb"])
@@ -318,19 +318,25 @@ def test_an_upgraded_mysql_database_matches_account_names_exactly(release_1):
     assert release_1.query("SELECT COUNT(*) FROM astaccount WHERE account = '1001'") == [(1,)]
 
 
-@pytest.fixture(params=["sqlite", "mariadb"])
-def release_6(request, tmp_path):
-    """A database of the previous release (schema version 6), used: an
-    account topped up, a settled call, a trunk, a deck."""
+def made_at(request, tmp_path, version):
+    """A Billing whose database has the schema's steps up to ``version``."""
     billing = Billing(tmp_path, fresh_database(request, tmp_path, request.param))
     billing.backend = request.param
     store = open_store(dict(load(str(billing.config)), create_database=True))
     store.execute_script(store.dialect.get("prelude", ()))
     assert schema.current_version(store) == 0
     for number, name in schema.steps():
-        if number <= 6:
+        if number <= version:
             schema.apply(store, number, name)
     store.close()
+    return billing
+
+
+@pytest.fixture(params=["sqlite", "mariadb"])
+def release_6(request, tmp_path):
+    """A database of schema version 6, used: an account topped up, a
+    settled call, a trunk, a deck."""
+    billing = made_at(request, tmp_path, 6)
     billing.setup_rates(RATES)
     billing.admin_ok("trunk", "add", "carrier-a", "--dial", "SIP/carrier-a/{number}")
     store = open_store(load(str(billing.config)))
@@ -352,13 +358,55 @@ def test_a_previous_release_database_upgrades_to_users_and_tokens_without_losing
     tables = ("astaccount", "astledger", "asttrunk", "astdeck", "astprice", "astcdr")
     before = {t: sorted(release_6.query(f"SELECT * FROM {t}"), key=repr) for t in tables}
     assert sum(map(len, before.values())) == 11
-    assert release_6.admin("init-db") == (0, "schema upgraded from version 6 to 7\n", "")
+    assert release_6.admin("init-db") == (
+        0, f"schema upgraded from version 6 to {schema.latest()}\n", "")
     after = {t: sorted(release_6.query(f"SELECT * FROM {t}"), key=repr) for t in tables}
     assert [row[-1] for row in after["astledger"]] == [None, None, None]   # actor: unknown
+    assert [row[-1] for row in after["astaccount"]] == [None]   # no portal password (step 8)
     after["astledger"] = [row[:-1] for row in after["astledger"]]
+    after["astaccount"] = [row[:-1] for row in after["astaccount"]]
     assert after == before
-    assert release_6.admin("init-db") == (0, "schema ready (version 7)\n", "")
+    assert release_6.admin("init-db") == (0, f"schema ready (version {schema.latest()})\n", "")
     release_6.admin_ok("token", "add", "shop-1", "--role", "shop")
     release_6.admin_ok("topup", "1001", "1")
     assert release_6.balance("1001") == Decimal("15.88")
     assert release_6.admin("audit")[0] == 0
+
+
+@pytest.fixture(params=["sqlite", "mariadb"])
+def release_7(request, tmp_path):
+    """A database of schema version 7, used: accounts, a top-up by a token,
+    a staff user, a token, an idempotency key."""
+    billing = made_at(request, tmp_path, 7)
+    billing.setup_rates(RATES)
+    billing.admin_ok("account", "add", "1001", "--balance", "10")
+    billing.admin_ok("account", "add", "1002", "--balance", "0")
+    billing.admin_ok("token", "add", "shop-1", "--role", "shop")
+    billing.admin_ok("topup", "1001", "2.5")
+    store = billing.store()
+    store.atomic(lambda tx: (tx.add_holder("astuser", "alice", "admin", "scrypt$x", "2026-01-02"
+                                           " 03:04:05"),
+                             tx.remember("k-1", "1001", "f" * 64, "{}", "2026-01-02 03:04:05")))
+    store.close()
+    return billing
+
+
+def test_a_version_7_database_upgrades_to_portal_logins_and_sessions_without_losing_a_row(
+        release_7):
+    tables = ("astaccount", "astledger", "astuser", "asttoken", "astidempotency", "astdeck",
+              "astprice")
+    before = {t: sorted(release_7.query(f"SELECT * FROM {t}"), key=repr) for t in tables}
+    assert sum(map(len, before.values())) == 12
+    assert release_7.admin("init-db") == (0, "schema upgraded from version 7 to 8\n", "")
+    after = {t: sorted(release_7.query(f"SELECT * FROM {t}"), key=repr) for t in tables}
+    assert [row[-1] for row in after["astaccount"]] == [None, None]   # no portal password yet
+    after["astaccount"] = [row[:-1] for row in after["astaccount"]]
+    assert after == before
+    assert release_7.query("SELECT COUNT(*) FROM astsession") == [(0,)]
+    assert release_7.admin("init-db") == (0, "schema ready (version 8)\n", "")
+    result = release_7.admin_process("account", "password", "1001", "--password-stdin",
+                                     input="a portal password\n")
+    assert (result.returncode, result.stdout) == (0, "account 1001: portal password set\n")
+    hashed = release_7.query("SELECT password_hash FROM astaccount WHERE account = '1001'")
+    assert hashed[0][0].startswith("scrypt$") and "a portal password" not in hashed[0][0]
+    assert release_7.admin("audit")[0] == 0

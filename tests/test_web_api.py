@@ -25,13 +25,14 @@ API = "/api/v1"
 class Web:
     """A running astbill-web for one Billing, and a token of each role."""
 
-    def __init__(self, billing, python):
+    def __init__(self, billing, python, args=(), tokens=None):
+        """``tokens``: those of a Web already serving ``billing``, else new ones."""
         self.billing = billing
-        self.tokens = {role: json.loads(billing.admin_ok(
+        self.tokens = tokens if tokens is not None else {role: json.loads(billing.admin_ok(
             "token", "add", f"{role}-1", "--role", role, "--json"))["token"]
             for role in ("admin", "support", "shop")}
         self.process = subprocess.Popen(
-            [python, "-I", WEB, "-c", str(billing.config), "--listen", "127.0.0.1:0"],
+            [python, "-I", WEB, "-c", str(billing.config), "--listen", "127.0.0.1:0", *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env=debian.env())
         first = self.process.stderr.readline()

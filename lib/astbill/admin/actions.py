@@ -10,9 +10,13 @@ failure is a ``StoreError``, not a refusal.
 Each write is one short transaction, run again after a deadlock or a
 cluster certification conflict; no lock is held between two of them.
 """
+import calendar
+import csv
 import hashlib
+import io
 import json
 import time
+from decimal import Decimal
 
 from .. import config, ledger, recovery
 from ..ledger import AUTHORIZE_TRIES, attempt, timestamp
@@ -330,6 +334,67 @@ def shown_cdr(record, places):
                            if record[key] is not None})
 
 
+def recent_cdrs(settings, store, account=None, limit=20):
+    """The latest ``limit`` CDRs (the account's), newest first."""
+    places = settings["decimals"]
+    return [shown_cdr(r, places) for r in store.read(
+        lambda tx: tx.cdrs(account_named(account) if account else None, limit=limit,
+                           newest=True))]
+
+
+HISTORY_KINDS = ("open", "topup", "adjust")
+
+
+def credit_history(settings, store, account, limit=20):
+    """The account's opening balance, top-ups and adjustments, newest first,
+    each with who made it."""
+    places = settings["decimals"]
+    return [{"created": c, "kind": k, "amount": fmt(a, places), "actor": actor}
+            for c, k, a, actor in store.read(
+                lambda tx: tx.ledger_rows(account_named(account), HISTORY_KINDS, limit))]
+
+
+def list_decks(settings, store):
+    """Every deck of rates: kind, owner, in force from, imported."""
+    return [{"kind": k, "name": n, "starts": s, "created": c}
+            for k, n, s, c in store.read(lambda tx: tx.decks())]
+
+
+DAYS_SHOWN = 30
+
+
+def statistics(settings, store, day=None):
+    """The console's figures for ``day`` (UTC 'YYYY-MM-DD', default today):
+    its totals, its calls by hour, per trunk (with ASR and ACD), and revenue
+    and margin by day for the DAYS_SHOWN days up to it.  Only those days'
+    CDRs are read, through the start index."""
+    first = time.strptime(moment(day, "day")[:10] if day else timestamp()[:10], "%Y-%m-%d")
+    start = calendar.timegm(first)
+    days = [timestamp(start - n * 86400)[:10] for n in range(DAYS_SHOWN - 1, -1, -1)]
+    since, until = f"{days[0]} 00:00:00", timestamp(start + 86400)
+    today = f"{days[-1]} 00:00:00"
+    places = settings["decimals"]
+    hourly = dict((r[0], r) for r in store.read(lambda tx: tx.cdr_periods(today, until, 13)))
+    daily = dict((r[0], r) for r in store.read(lambda tx: tx.cdr_periods(since, until, 10)))
+    trunks = store.read(lambda tx: tx.cdr_trunks(today, until))
+    hours = [figures(hourly.get(f"{days[-1]} {h:02d}"), f"{h:02d}", places) for h in range(24)]
+    return {"day": days[-1], "today": figures(daily.get(days[-1]), days[-1], places),
+            "hours": hours, "days": [figures(daily.get(d), d, places) for d in days],
+            "trunks": [figures(r, r[0], places) for r in trunks]}
+
+
+def figures(row, label, places):
+    """A period's or a trunk's figures: calls, answered, minutes, revenue,
+    buy cost, margin, ASR (answered in 100 calls) and ACD (seconds per
+    answered call)."""
+    _, calls, answered, billsec, revenue, bought, margin = row or (label, 0, 0, 0, 0, 0, 0)
+    return {"label": label, "calls": calls, "answered": answered,
+            "minutes": f"{Decimal(billsec) / 60:.1f}", "revenue": fmt(D(revenue), places),
+            "buy_cost": fmt(D(bought), places), "margin": fmt(D(margin), places),
+            "asr": f"{Decimal(answered * 100) / calls:.1f}" if calls else None,
+            "acd": billsec // answered if answered else None}
+
+
 def sweep(settings, store):
     """Replay the spool, then settle or release overdue reservations."""
     replayed, results = recovery.recover(settings, store)
@@ -352,6 +417,24 @@ OWN_NUMBERS = frozenset({"rate", "connect_fee", "cost", "buy_cost", "margin", "m
 def csv_cells(record, columns):
     """A record's CSV row: no cell from data starts a spreadsheet formula."""
     return [record[c] if c in OWN_NUMBERS else quote_cell(record[c]) for c in columns]
+
+
+def csv_lines(records, columns):
+    """CSV text of ``records`` as they are read, in pieces of about CHUNK
+    characters: memory stays the same however many there are."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(columns)
+    for record in records:
+        writer.writerow(csv_cells(record, columns))
+        if out.tell() > CHUNK:
+            yield out.getvalue()
+            out.seek(0)
+            out.truncate()
+    yield out.getvalue()
+
+
+CHUNK = 16384
 
 
 # -- checks ----------------------------------------------------------------------

@@ -15,10 +15,11 @@ import functools
 import hashlib
 import hmac
 import secrets
+import time
 
 from ..ledger import timestamp
 from ..store import Conflict, NotFound
-from .actions import ActionError, checked_name, write
+from .actions import ActionError, account_named, checked_name, write
 
 TOKEN_ROLES = ("admin", "support", "shop")
 USER_ROLES = ("admin", "support")
@@ -63,19 +64,44 @@ def token_holder(store, token):
 
 def add_user(settings, store, name, role, password):
     name, role = checked_name(name, "user name", 80), checked_role(role, USER_ROLES)
+    add_holder(settings, "astuser", name, role, hash_password(checked_password(password)), "user")
+
+
+def checked_password(password):
     least, most = PASSWORD_CHARS
     if not isinstance(password, str) or not least <= len(password) <= most:
         raise ActionError(f"a password must be {least} to {most} characters")
-    add_holder(settings, "astuser", name, role, hash_password(password), "user")
+    return password
 
 
 def login(store, name, password):
     """The role of user ``name`` if ``password`` is theirs, else None; an
     unknown name costs the same time as a wrong password."""
-    row = store.read(lambda tx: tx.user_secret(name)) if isinstance(name, str) else None
-    stored = row[1] if row is not None else unknown_user()
+    return checked_login(store, lambda tx: tx.user_secret(name), name, password)
+
+
+def account_login(store, account, password):
+    """The account's name if ``password`` is its portal password, else
+    None (as long for an unknown account, or one without a password)."""
+    return checked_login(store, lambda tx: tx.account_secret(account), account, password)
+
+
+def checked_login(store, secret, name, password):
+    """``secret(tx)``'s first column if ``password`` matches its hash, its
+    second; a missing row or hash is checked against a made-up one."""
+    row = store.read(secret) if isinstance(name, str) and name else None
+    stored = row[1] if row is not None and row[1] is not None else unknown_user()
     good = check_password(stored, password if isinstance(password, str) else "")
-    return row[0] if good and row is not None else None
+    return row[0] if good and row is not None and row[1] is not None else None
+
+
+def set_account_password(settings, store, account, password):
+    """Let the account's customer log in to the portal with ``password``."""
+    account, secret = account_named(account), hash_password(checked_password(password))
+    try:
+        write(settings, lambda tx: tx.set_account_secret(account, secret))
+    except NotFound:
+        raise ActionError(f"no account {account!r}", kind="missing") from None
 
 
 def hash_password(password):
@@ -105,6 +131,37 @@ def unknown_user():
     """What a password is checked against when the name is unknown, so
     that it takes as long."""
     return hash_password(secrets.token_urlsafe(16))
+
+
+# -- browser sessions ------------------------------------------------------------
+
+SESSION_SECONDS = 8 * 3600   # a working day; then one logs in again
+
+
+def open_session(settings, store, kind, name):
+    """A new session of a user (``kind`` "user") or a customer ("account"):
+    (its cookie, its CSRF token).  Only the cookie's SHA-256 is stored."""
+    cookie, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    now = time.time()
+    write(settings, lambda tx: tx.add_session(token_hash(cookie), kind, name, csrf,
+                                              timestamp(now + SESSION_SECONDS), timestamp(now)))
+    return cookie, csrf
+
+
+def session(store, cookie):
+    """(kind, name, csrf, role) of the live session of ``cookie``, or None;
+    a user's session ends as soon as the user is removed."""
+    if not cookie or len(cookie) > 200:
+        return None
+    row = store.read(lambda tx: tx.session(token_hash(cookie), timestamp()))
+    if row is None or (row[0] == "user" and row[3] is None):
+        return None
+    return tuple(row)
+
+
+def close_session(settings, store, cookie):
+    if cookie and len(cookie) <= 200:
+        write(settings, lambda tx: tx.remove_session(token_hash(cookie)))
 
 
 # -- both ------------------------------------------------------------------------

@@ -9,7 +9,6 @@ are read (CDRs a page at a time, in constant memory), so a database
 failing midway ends one with that line.
 """
 import argparse
-import csv
 import itertools
 import json
 import os
@@ -139,9 +138,10 @@ class Commands:
 
 
 def account_commands(commands, sub):
-    acc = commands.group(sub, "account", "add, change, show or list accounts",
-                         ["account add 1001 --balance 20", "account set 1001 --tariff gold",
-                          "account show 1001", "account list --json"])
+    acc = commands.group(sub, "account", "add, change, show or list accounts; set a portal"
+                         " password", ["account add 1001 --balance 20",
+                                       "account set 1001 --tariff gold", "account show 1001",
+                                       "account list --json", "account password 1001"])
     c = commands.add(acc, "add", account_add, "add an account with an opening balance",
                      ["account add 1001 --balance 20.00",
                       "account add 1002 --balance 0 --tariff gold --credit-limit 50 --json",
@@ -167,6 +167,14 @@ def account_commands(commands, sub):
     c.add_argument("account", help="the account to show")
     commands.add(acc, "list", account_list, "list every account",
                  ["account list", "account list --json"])
+    c = commands.add(acc, "password", account_password, "set the password the account's"
+                     " customer logs in to the portal with",
+                     ["account password 1001", "account password 1001 --password-stdin"],
+                     formats=(), about="A password is 10 to 1024 characters; only a salted"
+                                       " scrypt hash of it is stored.  Set again, it replaces"
+                                       " the old one.")
+    c.add_argument("account", help="the account")
+    password_option(c)
 
 
 def limits(c, default):
@@ -299,11 +307,15 @@ def auth_commands(commands, sub):
     c.add_argument("name", help="their login name, 1 to 80 characters")
     c.add_argument("--role", required=True, choices=auth.USER_ROLES,
                    help="admin: everything; support: reads")
-    c.add_argument("--password-stdin", action="store_true",
-                   help="read the password from the first line of stdin, not a prompt")
+    password_option(c)
     commands.add(user, "list", user_list, "list the staff users", ["user list", "user list --json"])
     commands.add(user, "remove", user_remove, "remove a staff user", ["user remove alice"],
                  formats=()).add_argument("name", help="the user")
+
+
+def password_option(c):
+    c.add_argument("--password-stdin", action="store_true",
+                   help="read the password from the first line of stdin, not a prompt")
 
 
 def config_option(parser, default):
@@ -354,6 +366,11 @@ def account_show(store, settings, args):
 
 def account_list(store, settings, args):
     show_accounts(actions.list_accounts(settings, store), args.json)
+
+
+def account_password(store, settings, args):
+    auth.set_account_password(settings, store, args.account, read_password(args.password_stdin))
+    print(f"account {args.account}: portal password set")
 
 
 def topup(store, settings, args):
@@ -471,7 +488,7 @@ def user_add(store, settings, args):
 
 
 def read_password(from_stdin):
-    """The new user's password: the first line of stdin, or asked twice."""
+    """A new password: the first line of stdin, or asked twice."""
     if from_stdin:
         return sys.stdin.readline().rstrip("\r\n")
     import getpass
@@ -529,10 +546,8 @@ def print_json(records):
 
 
 def print_csv(records, columns):
-    writer = csv.writer(sys.stdout)
-    writer.writerow(columns)
-    for r in records:
-        writer.writerow(actions.csv_cells(r, columns))
+    for text in actions.csv_lines(records, columns):
+        sys.stdout.write(text)
 
 
 # Rows a table's column widths are measured on before it starts printing.

@@ -480,6 +480,49 @@ class Tx:
         """(name, role) of the token with that hash, or None."""
         return self.one("SELECT name, role FROM asttoken WHERE token_hash = ?", (token_hash,))
 
+    def account_secret(self, account):
+        """(account, password hash or None) of an account, or None."""
+        return self.one("SELECT account, password_hash FROM astaccount WHERE account = ?",
+                        (account,))
+
+    def set_account_secret(self, account, secret_hash):
+        if self.run("UPDATE astaccount SET password_hash = ? WHERE account = ?",
+                    (secret_hash, account)).rowcount != 1:
+            raise NotFound(f"no account {account!r}")
+
+    # Browser sessions (``astsession``): a staff user's (kind "user") or a
+    # customer's (kind "account"), found by the hash of their cookie.
+    def add_session(self, session_hash, kind, name, csrf, expires, now):
+        self.run("DELETE FROM astsession WHERE expires <= ?", (now,))   # keeps the table small
+        self.run("INSERT INTO astsession (session_hash, kind, name, csrf, expires)"
+                 " VALUES (?, ?, ?, ?, ?)", (session_hash, kind, name, csrf, expires))
+
+    def session(self, session_hash, now):
+        """(kind, name, csrf, role) of a session not expired at ``now``, or
+        None; role: the user's now (None for a customer's), so that a user
+        removed is logged out at once."""
+        return self.one(
+            "SELECT s.kind, s.name, s.csrf, u.role FROM astsession s"
+            " LEFT JOIN astuser u ON s.kind = 'user' AND u.name = s.name"
+            " WHERE s.session_hash = ? AND s.expires > ?", (session_hash, now))
+
+    def remove_session(self, session_hash):
+        self.run("DELETE FROM astsession WHERE session_hash = ?", (session_hash,))
+
+    def ledger_rows(self, account, kinds, limit):
+        """[(created, kind, amount, actor)] of the account's ledger rows of
+        ``kinds``, newest first, ``limit`` at most."""
+        rows = self.all(f"SELECT created, kind, amount, actor FROM astledger WHERE account = ?"
+                        f" AND kind IN ({','.join('?' * len(kinds))}) ORDER BY id DESC LIMIT ?",
+                        (account, *kinds, limit))
+        return [(str(r[0]), r[1], self.store.money_out(r[2]), r[3]) for r in rows]
+
+    def decks(self):
+        """[(kind, name, starts, created)] of every deck, each owner's newest first."""
+        return [(k, n, str(s), str(c)) for k, n, s, c in self.all(
+            "SELECT kind, name, starts, created FROM astdeck ORDER BY kind, name, starts DESC,"
+            " id DESC")]
+
     def has_deck(self, kind, name):
         return self.one("SELECT 1 FROM astdeck WHERE kind = ? AND name = ? LIMIT 1",
                         (kind, name)) is not None
@@ -570,10 +613,11 @@ class Tx:
                    "connect_fee", "max_secs", "cost", "state", "trunk", "buy_cost")
     CDR_MONEY = ("rate", "connect_fee", "cost", "buy_cost")
 
-    def cdrs(self, account=None, since=None, until=None, after=None, limit=None):
-        """CDRs as dicts, by start then uniqueid: the account's, those started
-        from ``since`` and before ``until`` ('YYYY-MM-DD HH:MM:SS' UTC), those
-        after ``after`` (a (start, uniqueid) already seen), ``limit`` at most."""
+    def cdrs(self, account=None, since=None, until=None, after=None, limit=None, newest=False):
+        """CDRs as dicts, by start then uniqueid (``newest``: the latest
+        first): the account's, those started from ``since`` and before
+        ``until`` ('YYYY-MM-DD HH:MM:SS' UTC), those after ``after`` (a
+        (start, uniqueid) already seen, oldest first only), ``limit`` at most."""
         where, params = [], []
         for clause, value in (("account = ?", account), ("start >= ?", since),
                               ("start < ?", until)):
@@ -587,11 +631,33 @@ class Tx:
         sql = f"SELECT {', '.join(self.CDR_COLUMNS)} FROM astcdr"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY start, uniqueid"
+        sql += " ORDER BY start DESC, uniqueid DESC" if newest else " ORDER BY start, uniqueid"
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
         return [self._cdr_record(row) for row in self.all(sql, tuple(params))]
+
+    # The figures of CDRs started in a range, by period: the start's first
+    # ``width`` characters ('YYYY-MM-DD HH' an hour, 'YYYY-MM-DD' a day; both
+    # backends give a start so as text).  The range is found through the
+    # start index, so only the periods shown are read.
+    def cdr_periods(self, since, until, width):
+        """[(period, calls, answered, billsec, revenue, buy cost, margin)]."""
+        return self._cdr_figures(f"SUBSTR(start, 1, {int(width)})", since, until)
+
+    def cdr_trunks(self, since, until):
+        """[(trunk or None, calls, answered, billsec, revenue, buy cost, margin)]."""
+        return self._cdr_figures("trunk", since, until)
+
+    def _cdr_figures(self, key, since, until):
+        m = self.store.money_out
+        rows = self.all(
+            f"SELECT {key}, COUNT(*), SUM(CASE WHEN disposition = 'ANSWERED' THEN 1 ELSE 0 END),"
+            " COALESCE(SUM(billsec), 0), COALESCE(SUM(cost), 0), COALESCE(SUM(buy_cost), 0),"
+            f" COALESCE(SUM(cost - buy_cost), 0) FROM astcdr WHERE start >= ? AND start < ?"
+            f" GROUP BY {key} ORDER BY {key}", (since, until))
+        return [(None if r[0] is None else str(r[0]), r[1], int(r[2]), int(r[3]), m(r[4]),
+                 m(r[5]), m(r[6])) for r in rows]
 
     def _cdr_record(self, row):
         record = dict(zip(self.CDR_COLUMNS, row))

@@ -1,11 +1,13 @@
-"""astbill-web: AstBill's HTTP API, a Flask application served by waitress.
+"""astbill-web: AstBill's HTTP API, operator console and customer portal, a
+Flask application served by waitress.
 
-Every request is authenticated by a token (``Authorization: Bearer
-TOKEN``; ``astbill-admin token add``), its role checked by the server, and
-handled by the same library function ``astbill-admin`` calls.  It reads
-the config file and the database the calls use; each write is one short
-transaction, no lock is held between requests.  Every error is JSON with
-a one-line message; what went wrong inside (a traceback, the database's
+Every API request is authenticated by a token (``Authorization: Bearer
+TOKEN``; ``astbill-admin token add``), every page by a session (``pages``),
+its role checked by the server, and handled by the same library function
+``astbill-admin`` calls.  It reads the config file and the database the
+calls use; each write is one short transaction, no lock is held between
+requests.  Every error is a one-line message (JSON from the API, a page
+from the console); what went wrong inside (a traceback, the database's
 own words) goes to stderr only.
 """
 import argparse
@@ -31,8 +33,14 @@ def main(argv=None):
     from ...store import keep_sessions
     from .api import create_app
     keep_sessions()   # a database session per worker thread, between requests
+    # Only a proxy named by --trusted-proxy is believed when it says the
+    # browser came over TLS (X-Forwarded-Proto: https): the session cookie is
+    # then sent Secure.  Anyone else's X-Forwarded-* headers are dropped.
+    proxy = {"trusted_proxy": args.trusted_proxy,
+             "trusted_proxy_headers": {"x-forwarded-proto"}} if args.trusted_proxy else {}
     server = waitress.create_server(create_app(args.config), host=host, port=port,
-                                    threads=THREADS, ident=PROG, clear_untrusted_proxy_headers=True)
+                                    threads=THREADS, ident=PROG, clear_untrusted_proxy_headers=True,
+                                    **proxy)
     shown = f"[{host}]" if ":" in host else host
     sys.stderr.write(f"{PROG}: listening on http://{shown}:{server.effective_port}\n")
     sys.stderr.flush()
@@ -47,7 +55,9 @@ def parser():
     p = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="AstBill's HTTP API (JSON under /api/v1, its OpenAPI document at"
-                    "\n/api/v1/openapi.json); tokens are made with astbill-admin token add.",
+                    "\n/api/v1/openapi.json; tokens: astbill-admin token add), the operator"
+                    "\nconsole at / (staff: astbill-admin user add) and the customer portal at"
+                    "\n/portal (astbill-admin account password).",
         epilog="examples:\n"
                f"  {PROG} -c /etc/astbill/astbill.yaml\n"
                f"  {PROG} -c /etc/astbill/astbill.yaml --listen 127.0.0.1:8081\n"
@@ -58,8 +68,17 @@ def parser():
     p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
                    help=f"the address to serve on (default: {DEFAULT_LISTEN}; keep it on"
                         " loopback, behind a TLS proxy)")
+    p.add_argument("--trusted-proxy", metavar="ADDRESS",
+                   help="the TLS proxy in front (such as 127.0.0.1) whose X-Forwarded-Proto is"
+                        " believed (default: none is)")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return p
+
+
+def log(text):
+    """A line of the service's log (stderr: the journal, under systemd)."""
+    sys.stderr.write(f"{PROG}: {text}\n")
+    sys.stderr.flush()
 
 
 def listen_address(text):

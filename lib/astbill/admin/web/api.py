@@ -5,10 +5,7 @@ Each route names its method, its path, what a token's role must allow
 OpenAPI description says; the Flask rules and /api/v1/openapi.json are both
 made from that table, so the document cannot drift from what is served.
 """
-import csv
-import io
 import json
-import sys
 import traceback
 from decimal import Decimal
 
@@ -19,6 +16,7 @@ from ... import __version__, config
 from ...store import StoreError, open_store
 from .. import actions, auth
 from ..actions import ActionError
+from . import log, pages
 
 BASE = "/api/v1"
 PAGE, MOST = 100, 1000
@@ -87,7 +85,7 @@ def cdrs():
         records = actions.cdrs(g.settings, g.store, arg("account"), arg("since"), arg("until"),
                                None if limit is None else actions.whole(limit, "limit", 1, 10 ** 9),
                                arg("after"), options=("since", "until"))
-        return Response(stream_with_context(csv_lines(records, actions.CDR_COLUMNS)),
+        return Response(stream_with_context(actions.csv_lines(records, actions.CDR_COLUMNS)),
                         mimetype="text/csv",
                         headers={"Content-Disposition": "attachment; filename=cdrs.csv"})
     limit = page_size()
@@ -234,34 +232,19 @@ def idempotency_key():
     return key
 
 
-def csv_lines(records, columns):
-    """CSV text as the records are read, sent on every CHUNK characters."""
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(columns)
-    for record in records:
-        writer.writerow(actions.csv_cells(record, columns))
-        if out.tell() > CHUNK:
-            yield out.getvalue()
-            out.seek(0)
-            out.truncate()
-    yield out.getvalue()
-
-
-CHUNK = 16384
-
-
 # -- the application -------------------------------------------------------------
 
 def create_app(config_path=None):
-    app = Flask("astbill")
+    app = Flask("astbill", static_folder=None)   # the pages have their own
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    app.config["ASTBILL_CONFIG"] = config_path
     app.json.sort_keys = False
+    app.register_blueprint(pages.bp)   # the console and the portal: sessions, not tokens
 
     @app.before_request
     def authenticate():
         g.store = None
-        if request.path == BASE + "/openapi.json":
+        if not request.path.startswith(BASE + "/") or request.path == BASE + "/openapi.json":
             return None
         g.settings = config.load(config_path)
         g.store = open_store(g.settings)
@@ -276,8 +259,8 @@ def create_app(config_path=None):
 
     @app.after_request
     def access_log(reply):
-        holder = f"token:{g.name}" if "name" in g else "-"
-        log(f"{request.remote_addr} {request.method} {request.path} {reply.status_code} {holder}")
+        log(f"{request.remote_addr} {request.method} {request.path} {reply.status_code}"
+            f" {g.get('actor') or '-'}")
         return reply
 
     @app.teardown_request
@@ -342,11 +325,6 @@ def json_reply(data, status=200, headers=None):
 
 def error(status, message, headers=None):
     return json_reply({"error": message}, status, headers)
-
-
-def log(text):
-    sys.stderr.write(f"astbill-web: {text}\n")
-    sys.stderr.flush()
 
 
 # -- the OpenAPI document --------------------------------------------------------

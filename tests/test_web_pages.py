@@ -1,0 +1,380 @@
+"""The operator console and the customer portal over real HTTP: astbill-web
+started as a process on Debian's Python (as test_web_api.py does), on
+SQLite and on MariaDB, driven by a cookie-keeping client that never
+follows a redirect, and by a real browser (Debian's headless chromium
+through Debian's python3-selenium).  Each security property has a test
+that fails without its defence.
+"""
+import http.cookiejar
+import io
+import re
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from decimal import Decimal
+
+import pytest
+
+import debian
+from conftest import RATES, Billing, fresh_database, start_held_call
+from test_admin import record_cdrs
+from test_web_api import Web
+
+from astbill.admin import actions
+from astbill.ledger import timestamp
+
+PASSWORDS = {"alice": "alice's long password", "bob": "bob's long password",
+             "1001": "customer 1001's password", "2002": "customer 2002's password"}
+BUY = "prefix,destination,rate,connect_fee,min_secs,increment\n49,Germany,0.01,0,60,60\n"
+SCRIPT, IMAGE = "<script>alert(1)</script>", '"><img src=x onerror=alert(1)>'
+
+
+def with_stdin(billing, text, *argv):
+    """astbill-admin in-process, its stdin ``text``."""
+    kept, sys.stdin = sys.stdin, io.StringIO(text + "\n")
+    try:
+        return billing.admin_ok(*argv)
+    finally:
+        sys.stdin = kept
+
+
+def make_logins(billing):
+    """alice (admin), bob (support), and portal passwords for 1001 and 2002."""
+    for name, role in (("alice", "admin"), ("bob", "support")):
+        with_stdin(billing, PASSWORDS[name], "user", "add", name, "--role", role,
+                   "--password-stdin")
+    for account in ("1001", "2002"):
+        with_stdin(billing, PASSWORDS[account], "account", "password", account,
+                   "--password-stdin")
+
+
+@pytest.fixture(params=["sqlite", "pymysql"])
+def console(request, tmp_path):
+    """astbill-web on SQLite or MariaDB: accounts 1001 (10.0000) and 2002
+    (5.0000), a trunk, staff users and portal passwords."""
+    python = debian.require_python({**debian.PACKAGES, **debian.WEB_PACKAGES})
+    database = fresh_database(request, tmp_path, request.param)
+    settings = {} if request.param == "sqlite" else {"mysql_driver": request.param}
+    billing = Billing(tmp_path, database, **settings)
+    billing.backend = "sqlite" if request.param == "sqlite" else "mariadb"
+    billing.admin_ok("init-db")
+    billing.setup_rates(RATES)
+    billing.admin_ok("account", "add", "1001", "--balance", "10")
+    billing.admin_ok("account", "add", "2002", "--balance", "5")
+    billing.admin_ok("trunk", "add", "carrier-a", "--dial", "SIP/carrier-a/{number}")
+    (tmp_path / "buy.csv").write_text(BUY)
+    billing.admin_ok("rate", "import", str(tmp_path / "buy.csv"), "--trunk", "carrier-a")
+    make_logins(billing)
+    server = Web(billing, python)
+    yield server
+    log = server.stop()
+    assert "Traceback" not in log, log
+    assert not any(p in log for p in PASSWORDS.values())
+
+
+class Client:
+    """A browser's HTTP: cookies kept, redirects not followed (seen instead)."""
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args):
+            return None
+
+    def __init__(self, web):
+        self.web, self.jar = web, http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar),
+                                                  self.NoRedirect)
+
+    def request(self, method, path, fields=None, headers=()):
+        """(status, headers, text)."""
+        data = None if fields is None else urllib.parse.urlencode(fields).encode()
+        req = urllib.request.Request(self.web.url + path, data=data, method=method,
+                                     headers=dict(headers))
+        try:
+            with self.opener.open(req, timeout=60) as reply:
+                return reply.status, reply.headers, reply.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers, exc.read().decode()
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, path, fields, csrf=True, **kw):
+        """A form's POST, with the CSRF token of the session's pages."""
+        if csrf:
+            fields = dict(fields, csrf=self.form_token(self.home))
+        return self.request("POST", path, fields, **kw)
+
+    def form_token(self, page):
+        return re.search(r'name="csrf" value="([^"]+)"', self.get(page)[2]).group(1)
+
+    home = "/accounts"
+
+    def login(self, name, password=None, portal=False):
+        """The login form of the console or the portal, sent with its token."""
+        self.home = "/portal" if portal else "/accounts"
+        path = "/portal/login" if portal else "/login"
+        return self.request("POST", path, {"name": name, "password": password or PASSWORDS[name],
+                                           "csrf": self.form_token(path)})
+
+    def cookie(self, name):
+        return next((c.value for c in self.jar if c.name == name), None)
+
+
+def logged_in(web, name, portal=False):
+    client = Client(web)
+    status, headers, _ = client.login(name, portal=portal)
+    assert (status, headers["Location"]) == (302, "/portal" if portal else "/"), name
+    return client
+
+
+def books(web):
+    q = web.billing.query
+    return (q("SELECT * FROM astaccount ORDER BY account"), q("SELECT * FROM astledger"),
+            q("SELECT * FROM asttrunk"), q("SELECT * FROM astdeck"))
+
+
+# Every page of the console, and every form with what it sends.
+PAGES = ["/", "/live/calls", "/accounts", "/accounts?search=10", "/accounts/1001", "/rates",
+         "/trunks", "/cdrs", "/cdrs.csv", "/audit"]
+FORMS = [("/accounts", {"account": "3003", "balance": "1"}),
+         ("/accounts/1001/topup", {"amount": "5", "key": "k"}),
+         ("/accounts/1001/change", {"max_calls": "3"}),
+         ("/accounts/1001/password", {"password": "a new long password"}),
+         ("/rates", {"kind": "tariff", "name": "gold"}),
+         ("/trunks/carrier-a/disable", {})]
+
+
+# -- sessions ------------------------------------------------------------------------
+
+def test_nothing_but_the_login_pages_and_static_files_without_a_session(console):
+    before = books(console)
+    anonymous = Client(console)
+    for path in PAGES:
+        status, headers, text = anonymous.get(path)
+        assert (status, headers["Location"]) == (302, "/login"), path
+        assert "1001" not in text
+    assert anonymous.get("/portal")[1]["Location"] == "/portal/login"
+    for path, fields in FORMS:
+        assert anonymous.request("POST", path, fields)[:2][0] == 302, path
+    assert anonymous.request("POST", "/logout", {})[0] == 302
+    for path in ("/login", "/portal/login", "/static/style.css", "/static/live.js"):
+        assert anonymous.get(path)[0] == 200, path
+    # A forged or stale cookie is no session either.
+    anonymous.jar.set_cookie(http.cookiejar.Cookie(
+        0, "astbill_session", "forged", None, False, "127.0.0.1", False, False, "/", True,
+        False, None, False, None, None, {}))
+    assert anonymous.get("/accounts/1001")[0] == 302
+    assert books(console) == before
+
+
+def test_a_session_cookie_is_httponly_lax_stored_hashed_and_ends_at_logout_or_expiry(console):
+    alice = Client(console)
+    status, headers, _ = alice.login("alice")
+    cookie = alice.cookie("astbill_session")
+    set_cookie = [h for h in headers.get_all("Set-Cookie") if h.startswith("astbill_session=")]
+    assert len(set_cookie) == 1 and "HttpOnly" in set_cookie[0] and "SameSite=Lax" in set_cookie[0]
+    assert "Secure" not in set_cookie[0]   # plain HTTP, no proxy trusted
+    stored = console.billing.query("SELECT session_hash, kind, name FROM astsession")
+    assert [(k, n) for _, k, n in stored] == [("user", "alice")]
+    assert cookie not in repr(console.billing.query("SELECT * FROM astsession"))
+    assert alice.get("/")[0] == 200
+    # Expired: refused, whatever the cookie says.
+    store = console.billing.store()
+    store.atomic(lambda tx: tx.run("UPDATE astsession SET expires = '2000-01-01 00:00:00'"))
+    store.close()
+    assert alice.get("/")[:2][0] == 302
+    # Logged out: the same cookie, sent again, is nobody's.
+    alice = logged_in(console, "alice")
+    kept = alice.cookie("astbill_session")
+    assert alice.post("/logout", {})[0] == 302
+    replay = Client(console)
+    replay.jar.set_cookie(http.cookiejar.Cookie(
+        0, "astbill_session", kept, None, False, "127.0.0.1", False, False, "/", True,
+        False, None, False, None, None, {}))
+    assert replay.get("/")[0] == 302
+    # A user removed is logged out at once.
+    bob = logged_in(console, "bob")
+    assert bob.get("/accounts")[0] == 200
+    console.billing.admin_ok("user", "remove", "bob")
+    assert bob.get("/accounts")[0] == 302
+
+
+def test_the_cookie_is_secure_behind_a_trusted_tls_proxy_only(console):
+    https = {"X-Forwarded-Proto": "https"}
+    # Not configured: the header is anyone's, and not believed.
+    status, headers, _ = Client(console).get("/login", headers=https)
+    assert "Secure" not in headers["Set-Cookie"]
+    behind = Web(console.billing, debian.PYTHON, args=("--trusted-proxy", "127.0.0.1"),
+                 tokens=console.tokens)
+    try:
+        client = Client(behind)
+        status, headers, _ = client.get("/login", headers=https)
+        assert "; Secure" in headers["Set-Cookie"]
+        assert "Secure" not in client.get("/login")[1]["Set-Cookie"]   # plain HTTP
+    finally:
+        behind.stop()
+
+
+def test_every_form_needs_its_csrf_token(console):
+    alice = logged_in(console, "alice")
+    before = books(console)
+    for path, fields in FORMS:
+        assert alice.post(path, fields, csrf=False)[0] == 403, path
+        assert alice.request("POST", path, dict(fields, csrf="x" * 43))[0] == 403, path
+    # Another session's token is not this one's.
+    bob = logged_in(console, "bob")
+    status, _, text = alice.request("POST", "/accounts/1001/topup",
+                                    {"amount": "5", "csrf": bob.form_token("/accounts")})
+    assert status == 403 and "did not come from here" in text
+    assert books(console) == before
+    # The login form's token too: a login posted from elsewhere is refused.
+    assert Client(console).request("POST", "/login", {"name": "alice",
+                                                      "password": PASSWORDS["alice"]})[0] == 403
+    assert alice.post("/accounts/1001/topup", {"amount": "5"})[0] == 302
+    assert console.billing.balance("1001") == Decimal(15)
+
+
+def test_logins_are_throttled_per_user_and_per_address(console):
+    client = Client(console)
+    for _ in range(5):
+        assert client.login("alice", "wrong password")[0] == 401
+    status, _, text = client.login("alice")   # the right password, too late
+    assert status == 429 and "too many failed logins" in text
+    assert client.login("bob")[0] == 302      # another name from here: not yet
+    for n in range(15):
+        assert client.login(f"nobody-{n}", "wrong password")[0] == 401
+    assert client.login("bob")[0] == 429      # 20 failures from this address
+    assert console.billing.query("SELECT kind, name FROM astsession") == [("user", "bob")]
+
+
+# -- roles -----------------------------------------------------------------------------
+
+def test_support_reads_every_page_and_changes_nothing_admin_changes_as_itself(console):
+    bob = logged_in(console, "bob")
+    for path in PAGES:
+        assert bob.get(path)[0] == 200, path
+    before = books(console)
+    token = bob.form_token("/accounts")
+    for path, fields in FORMS:
+        status, _, text = bob.request("POST", path, dict(fields, csrf=token))
+        assert (status, "a support user may not do this" in text) == (403, True), path
+    assert books(console) == before
+    alice = logged_in(console, "alice")
+    assert alice.post("/accounts/1001/topup", {"amount": "2.50", "key": "once"})[0] == 302
+    assert alice.post("/accounts/1001/topup", {"amount": "2.50", "key": "once"})[0] == 302
+    assert console.billing.query("SELECT amount, kind, actor FROM astledger WHERE kind = 'topup'"
+                                 ) == [(2500000 if console.billing.backend == "sqlite"
+                                        else Decimal("2.500000"), "topup", "user:alice")]
+    assert alice.post("/accounts", {"account": "3003", "balance": "1"})[1]["Location"] == (
+        "/accounts/3003")
+    assert console.billing.query("SELECT actor FROM astledger WHERE account = '3003'") == [
+        ("user:alice",)]
+    assert alice.post("/trunks/carrier-a/disable", {})[0] == 302
+    assert console.billing.query("SELECT enabled FROM asttrunk") == [(0,)]
+    # The console's CSV is the API's.
+    record_cdrs(console.billing, [("1.1", "2026-02-01 00:00:01", "1001", "=1+1")])
+    assert alice.get("/cdrs.csv?account=1001")[2] == console.call(
+        "GET", "/cdrs?format=csv&account=1001")[2]
+
+
+def test_a_customer_sees_their_own_account_and_nothing_else(console):
+    record_cdrs(console.billing, [("1.1", timestamp(), "1001", "111"),
+                                  ("2.1", timestamp(), "2002", "222")])
+    customer = logged_in(console, "1001", portal=True)
+    status, _, text = customer.get("/portal")
+    assert status == 200 and 'id="balance">10.0000<' in text
+    assert "&lt;111&gt;" in text and "&lt;222&gt;" not in text and "2002" not in text
+    # Another account's id, anywhere: refused, or the customer's own.
+    for path in ("/accounts/2002", "/accounts/1001", "/accounts", "/", "/cdrs", "/cdrs.csv",
+                 "/cdrs?account=2002", "/live/calls"):
+        assert customer.get(path)[0] == 403, path
+    assert "2002" not in customer.get("/portal?account=2002")[2]
+    token = customer.form_token("/portal")
+    before = books(console)
+    for path, fields in FORMS:
+        assert customer.request("POST", path, dict(fields, csrf=token))[0] == 403, path
+    assert books(console) == before
+    # A staff user is no customer, and a customer's password no staff login.
+    assert logged_in(console, "alice").get("/portal")[0] == 403
+    assert Client(console).login("1001", PASSWORDS["1001"])[0] == 401
+    assert Client(console).login("2002", PASSWORDS["1001"], portal=True)[0] == 401
+
+
+def test_the_portal_prices_a_destination_as_the_clis_route_does(console):
+    customer = logged_in(console, "1001", portal=True)
+    text = customer.get("/portal?number=004930123")[2]
+    assert "4930123:\n0.0300 a minute, 0.0100 to connect;" in text
+    assert "carrier-a" not in text   # no trunk of ours is shown to a customer
+    route = console.ok("GET", "/route?number=004930123&account=1001")
+    assert f"up to {route['max_secs'] // 60} minutes" in text
+    status, _, text = customer.get("/portal?number=x")
+    assert (status, "not a number to dial: &#39;x&#39;" in text) == (400, True)
+
+
+# -- what is shown --------------------------------------------------------------------
+
+def test_caller_data_renders_as_text_on_every_page(console):
+    record_cdrs(console.billing, [("x.1", timestamp(), "1001", "111")])
+    store = console.billing.store()
+    store.atomic(lambda tx: tx.run("UPDATE astcdr SET clid = ?, dst = ?, trunk = ?",
+                                   (SCRIPT, IMAGE, SCRIPT)))
+    store.close()
+    console.billing.admin_ok("account", "add", IMAGE, "--balance", "1")
+    pages = [(logged_in(console, "alice"), p)
+             for p in ("/", "/cdrs", "/accounts", "/accounts/1001",
+                       "/accounts/" + urllib.parse.quote(IMAGE, safe=""))]
+    pages.append((logged_in(console, "1001", portal=True), "/portal"))
+    for client, path in pages:
+        status, _, text = client.get(path)
+        assert status == 200, path
+        assert SCRIPT not in text and IMAGE not in text, path
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text or "&#34;&gt;&lt;img" in text, path
+        assert "<img" not in text and "<script>" not in text, path
+
+
+def test_an_error_is_one_line_with_no_traceback_or_sql_and_is_logged(console):
+    alice = logged_in(console, "alice")
+    status, _, text = alice.post("/accounts/1001/topup", {"amount": "1e3"})
+    assert (status, "not a plain decimal number: &#39;1e3&#39;" in text) == (400, True)
+    store = console.billing.store()
+    store.execute_script(["DROP TABLE astidempotency"])
+    store.close()
+    status, _, text = alice.post("/accounts/1001/topup", {"amount": "1", "key": "k"})
+    assert status == 503 and "the database is unavailable; try again" in text
+    assert "astidempotency" not in text and "Traceback" not in text and "SELECT" not in text
+    assert console.billing.balance("1001") == Decimal(10)
+    log = console.stop()
+    assert "astidempotency" in log and "Traceback" not in log
+    assert "POST /accounts/1001/topup 503 user:alice\n" in log
+    console.process.wait()
+
+
+def test_rates_uploaded_with_a_bad_line_are_refused_by_line(console):
+    alice = logged_in(console, "alice")
+    bad = "prefix,destination,rate,connect_fee,min_secs,increment\n49,A,0.01,0,60,60\n3a,B,1,0,1,1\n"
+    status, _, text = upload(alice, "gold", bad)
+    assert (status, "rates refused: 1 problems" in text) == (400, True)
+    assert "rates:3: prefix must be 1 to 32 digits: &#39;3a&#39;" in text
+    assert console.billing.query("SELECT COUNT(*) FROM astdeck WHERE name = 'gold'") == [(0,)]
+    status, _, text = upload(alice, "gold", bad.replace("3a", "31"))
+    assert status == 200 and "Imported 2 prefixes (2 rows)" in text and "gold" in text
+
+
+def upload(client, name, text):
+    """The rates form's POST: multipart, as a browser sends a file."""
+    boundary = "astbill-test-boundary"
+    fields = {"csrf": client.form_token("/accounts"), "kind": "tariff", "name": name}
+    body = "".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
+                   for k, v in fields.items())
+    body += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="r.csv"\r\n'
+             f"Content-Type: text/csv\r\n\r\n{text}\r\n--{boundary}--\r\n")
+    req = urllib.request.Request(client.web.url + "/rates", data=body.encode(), method="POST",
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with client.opener.open(req, timeout=60) as reply:
+            return reply.status, reply.headers, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read().decode()
