@@ -7,6 +7,7 @@ that fails without its defence.
 """
 import http.cookiejar
 import io
+import os
 import re
 import sys
 import threading
@@ -354,7 +355,8 @@ def test_an_error_is_one_line_with_no_traceback_or_sql_and_is_logged(console):
 
 def test_rates_uploaded_with_a_bad_line_are_refused_by_line(console):
     alice = logged_in(console, "alice")
-    bad = "prefix,destination,rate,connect_fee,min_secs,increment\n49,A,0.01,0,60,60\n3a,B,1,0,1,1\n"
+    bad = ("prefix,destination,rate,connect_fee,min_secs,increment\n49,A,0.01,0,60,60\n"
+           "3a,B,1,0,1,1\n")
     status, _, text = upload(alice, "gold", bad)
     assert (status, "rates refused: 1 problems" in text) == (400, True)
     assert "rates:3: prefix must be 1 to 32 digits: &#39;3a&#39;" in text
@@ -371,10 +373,171 @@ def upload(client, name, text):
                    for k, v in fields.items())
     body += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="r.csv"\r\n'
              f"Content-Type: text/csv\r\n\r\n{text}\r\n--{boundary}--\r\n")
-    req = urllib.request.Request(client.web.url + "/rates", data=body.encode(), method="POST",
-                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    req = urllib.request.Request(
+        client.web.url + "/rates", data=body.encode(), method="POST",
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     try:
         with client.opener.open(req, timeout=60) as reply:
             return reply.status, reply.headers, reply.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.headers, exc.read().decode()
+
+
+# -- a real browser -----------------------------------------------------------------
+
+DEBIAN_SELENIUM = "/usr/lib/python3/dist-packages"
+
+
+@pytest.fixture
+def browser():
+    """Debian's headless chromium, driven through Debian's python3-selenium
+    (setup-env installs chromium, chromium-driver and python3-selenium)."""
+    if DEBIAN_SELENIUM not in sys.path:
+        sys.path.append(DEBIAN_SELENIUM)   # last: the project's own packages come first
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        why = "Debian's python3-selenium is needed (scripts/setup-env --with-mariadb)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                "--window-size=1280,1100"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    driver.implicitly_wait(0)
+    yield driver
+    driver.quit()
+
+
+def wait_for(driver, check, seconds=20):
+    """``check(driver)`` true; the page may be changing meanwhile (a form's
+    reply loading, the calls refreshed)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+    return WebDriverWait(driver, seconds, poll_frequency=0.1, ignored_exceptions=(
+        NoSuchElementException, StaleElementReferenceException)).until(check)
+
+
+def browse(driver, web, path):
+    driver.get(web.url + path)
+
+
+def by_id(driver, name):
+    from selenium.webdriver.common.by import By
+    return driver.find_element(By.ID, name)
+
+
+def browser_login(driver, web, name, portal=False):
+    browse(driver, web, "/portal/login" if portal else "/login")
+    by_id(driver, "name").send_keys(name)
+    by_id(driver, "password").send_keys(PASSWORDS[name])
+    by_id(driver, "login").click()
+    wait_for(driver, lambda d: "/login" not in d.current_url)
+
+
+@pytest.mark.parametrize("console", ["sqlite", "pymysql"], indirect=True)
+def test_in_a_browser_top_up_upload_rates_watch_a_call_and_see_the_charts(console, browser,
+                                                                          tmp_path):
+    from selenium.webdriver.common.by import By
+    now = time.time()
+    record_cdrs(console.billing, [(f"c.{n}", timestamp(now - n * 3000), "1001", "111")
+                                  for n in range(12)])
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    browser_login(browser, console, "alice")
+    # The dashboard's charts, drawn by the server: SVG bars of non-zero size.
+    for chart in ("hours", "days", "trunks"):
+        bars = browser.find_elements(By.CSS_SELECTOR, f"svg#chart-{chart} rect")
+        assert bars and any(int(b.get_attribute("height")) > 0 for b in bars), chart
+    assert by_id(browser, "today-calls").text == str(len([n for n in range(12) if timestamp(
+        now - n * 3000)[:10] == timestamp(now)[:10]]))
+    browser.save_screenshot(str(shots / "dashboard.png"))
+    # A top-up, and the new balance.
+    browse(browser, console, "/accounts/1001")
+    by_id(browser, "amount").send_keys("7.25")
+    by_id(browser, "topup").find_element(By.TAG_NAME, "button").click()
+    wait_for(browser, lambda d: by_id(d, "balance").text == "17.2500")
+    assert "user:alice" in by_id(browser, "summary").find_element(
+        By.XPATH, "following::table[contains(@class, 'history')]").text
+    browser.save_screenshot(str(shots / "account.png"))
+    # A rates file with a bad line: the error, by line.
+    bad = tmp_path / "gold.csv"
+    bad.write_text("prefix,destination,rate,connect_fee,min_secs,increment\n"
+                   "49,Germany,0.05,0,60,60\n49x,Oops,0.05,0,60,60\n")
+    browse(browser, console, "/rates")
+    by_id(browser, "deck-name").send_keys("gold")
+    by_id(browser, "file").send_keys(str(bad))
+    by_id(browser, "upload").click()
+    wait_for(browser, lambda d: d.find_elements(By.ID, "lines"))
+    assert by_id(browser, "lines").text == "rates:3: prefix must be 1 to 32 digits: '49x'"
+    browser.save_screenshot(str(shots / "rates-refused.png"))
+    # A call held by a real astbill.py shows up in calls in progress, unreloaded.
+    browse(browser, console, "/")
+    gate = threading.Event()
+    call = start_held_call(console.billing, gate)
+    try:
+        assert call.dial_reached.wait(30)
+        wait_for(browser, lambda d: "4912345678" in by_id(d, "calls").text)
+        browser.save_screenshot(str(shots / "call-in-progress.png"))
+    finally:
+        gate.set()
+    call.wait()
+    wait_for(browser, lambda d: "No call in progress." in by_id(d, "calls").text)
+    browse(browser, console, "/cdrs")
+    browser.save_screenshot(str(shots / "cdrs.png"))
+    # The customer's portal: their balance, and a destination's price.
+    browser.delete_all_cookies()
+    browser_login(browser, console, "1001", portal=True)
+    by_id(browser, "number").send_keys("004930123")
+    by_id(browser, "quote").find_element(By.TAG_NAME, "button").click()
+    wait_for(browser, lambda d: d.find_elements(By.ID, "price"))
+    assert "0.0300 a minute" in by_id(browser, "price").text
+    assert by_id(browser, "balance").text == console.ok("GET", "/accounts/1001")["balance"]
+    browser.save_screenshot(str(shots / "portal.png"))
+    print(f"screenshots in {shots}")
+
+
+# -- the dashboard's figures ------------------------------------------------------
+
+def test_the_dashboards_figures_by_hour_day_and_trunk(tariff):
+    """actions.statistics, on each backend: today's CDRs by hour and per
+    trunk, the 30 days' by day; older CDRs and tomorrow's are not counted."""
+    billing = tariff
+    record_cdrs(billing, [("t.1", "2026-03-10 09:15:00", "1001", "1"),
+                          ("t.2", "2026-03-10 09:45:00", "1001", "1"),
+                          ("t.3", "2026-03-10 17:00:00", "1001", "1"),
+                          ("y.1", "2026-03-09 23:59:59", "1001", "1"),
+                          ("o.1", "2026-02-08 23:59:59", "1001", "1"),   # 30 days before: out
+                          ("n.1", "2026-03-11 00:00:00", "1001", "1")])  # tomorrow: out
+    store = billing.store()
+    try:
+        # One call unanswered, on another trunk, and one sent over no trunk.
+        store.atomic(lambda tx: tx.run("UPDATE astcdr SET disposition = 'NO ANSWER', billsec = 0,"
+                                       " cost = 0, buy_cost = 0, trunk = 'carrier-b'"
+                                       " WHERE uniqueid = 't.2'"))
+        store.atomic(lambda tx: tx.run("UPDATE astcdr SET trunk = '', buy_cost = NULL"
+                                       " WHERE uniqueid = 't.3'"))
+        figures = actions.statistics(load_settings(billing), store, "2026-03-10")
+    finally:
+        store.close()
+    assert figures["today"] == {
+        "label": "2026-03-10", "calls": 3, "answered": 2, "minutes": "2.0", "revenue": "0.2400",
+        "buy_cost": "0.1300", "margin": "-0.0100", "asr": "66.7", "acd": 61}
+    assert [(h["label"], h["calls"]) for h in figures["hours"] if h["calls"]] == [
+        ("09", 2), ("17", 1)]
+    assert len(figures["hours"]) == 24 and len(figures["days"]) == 30
+    assert (figures["days"][0]["label"], figures["days"][-1]["label"]) == ("2026-02-09",
+                                                                           "2026-03-10")
+    assert [(d["label"], d["revenue"]) for d in figures["days"] if d["calls"]] == [
+        ("2026-03-09", "0.1200"), ("2026-03-10", "0.2400")]
+    assert [(t["label"], t["calls"], t["asr"], t["acd"], t["minutes"]) for t in figures["trunks"]
+            ] == [("", 1, "100.0", 61, "1.0"), ("carrier-a", 1, "100.0", 61, "1.0"),
+                  ("carrier-b", 1, "0.0", None, "0.0")]
+
+
+def load_settings(billing):
+    from astbill.config import load
+    return load(str(billing.config))

@@ -366,16 +366,15 @@ def chart(labels, series, width=720, height=150):
     bottom = min([Decimal(0), *(v for s in values for v in s)])
     span = (top - bottom) or Decimal(1)
     zero = int(top * height / span)
-    slot = width // max(len(labels), 1)
+    slot = min(width // max(len(labels), 1), 80)   # a lone bar stays a bar
     bar = max(1, (slot - 2) // max(len(series), 1))
     bars = [{"x": i * slot + j * bar, "y": zero - int(max(v, 0) * height / span),
              "h": max(1, int(abs(v) * height / span)) if v else 0, "w": max(1, bar - 1),
              "series": j, "title": f"{label}: {series[j][i]}"}
             for j, s in enumerate(values) for i, (label, v) in enumerate(zip(labels, s))]
     every = max(1, len(labels) // 12)   # no more labels than fit
-    return {"width": width, "height": height, "zero": zero, "bars": bars,
-            "labels": [(i * slot + slot // 2, label) for i, label in enumerate(labels)
-                       if i % every == 0]}
+    return {"width": width, "height": height, "zero": zero, "bars": bars, "top": top,
+            "labels": [(i * slot, label) for i, label in enumerate(labels) if i % every == 0]}
 
 
 # -- errors ------------------------------------------------------------------------
