@@ -16,6 +16,7 @@ beside the bare interpreter's; and call setups per second with 20, 50 and
 100 calls started at once, with the p99 wait for the account lock.
 """
 import argparse
+import contextlib
 import os
 import random
 import shutil
@@ -324,24 +325,29 @@ def admin(config, *argv):
                    stdout=subprocess.DEVNULL)
 
 
-def fill_cdr(config, rows):
+def fill_cdr(config, rows, days=None):
     """Add ``rows`` settled, unanswered CDRs (cost 0: the books stay
-    balanced), the bulk way each backend allows."""
+    balanced), the bulk way each backend allows: all started on one day
+    long ago, or (``days``) spread over the ``days`` up to now."""
     store = open_store(dict(load(str(config)), lock_wait_secs=60))  # one long statement
-    sql_sqlite = ("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
-                  " INSERT INTO astcdr (uniqueid, start, account, tariff, prefix, rate, connect_fee,"
-                  " min_secs, increment, max_secs, cost, state, dst, billsec)"
-                  " SELECT 'old.' || i, '2026-01-01 00:00:00', 'many' || (i % 100), 'small', '49',"
-                  " 60000, 0, 60, 60, 3600, 0, 'settled', '4912345678', 0 FROM n")
-    sql_mysql = ("INSERT INTO astcdr (uniqueid, start, account, tariff, prefix, rate, connect_fee,"
-                 " min_secs, increment, max_secs, cost, state, dst, billsec)"
-                 " SELECT CONCAT('old.', seq), '2026-01-01 00:00:00', CONCAT('many', seq % 100),"
-                 f" 'small', '49', 0.06, 0, 60, 60, 3600, 0, 'settled', '4912345678', 0"
-                 f" FROM seq_1_to_{rows}")
     if store.placeholder == "?":
-        store.atomic(lambda tx: tx.run(sql_sqlite, (rows,)))
+        start = ("datetime('now', '-' || (i % {days}) || ' days', '-' || (i * 37 % 86400)"
+                 " || ' seconds')" if days else "'2026-01-01 00:00:00'").format(days=days)
+        sql = ("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
+               " INSERT INTO astcdr (uniqueid, start, account, tariff, prefix, rate, connect_fee,"
+               " min_secs, increment, max_secs, cost, state, dst, billsec)"
+               f" SELECT 'old.' || i, {start}, 'many' || (i % 100), 'small', '49',"
+               " 60000, 0, 60, 60, 3600, 0, 'settled', '4912345678', 0 FROM n")
+        store.atomic(lambda tx: tx.run(sql, (rows,)))
     else:
-        store.atomic(lambda tx: tx.run(sql_mysql))
+        start = (f"UTC_TIMESTAMP() - INTERVAL (seq % {days}) DAY - INTERVAL (seq * 37 % 86400)"
+                 " SECOND" if days else "'2026-01-01 00:00:00'")
+        sql = ("INSERT INTO astcdr (uniqueid, start, account, tariff, prefix, rate, connect_fee,"
+               " min_secs, increment, max_secs, cost, state, dst, billsec)"
+               f" SELECT CONCAT('old.', seq), {start}, CONCAT('many', seq % 100),"
+               " 'small', '49', 0.06, 0, 60, 60, 3600, 0, 'settled', '4912345678', 0"
+               f" FROM seq_1_to_{rows}")
+        store.atomic(lambda tx: tx.run(sql))
     store.close()
 
 
@@ -435,20 +441,27 @@ def main():
     parser.add_argument("--bursts", default="20,50,100", help="calls started at once, comma-separated")
     parser.add_argument("--fastagi-calls", default="1000,100000",
                         help="after how many FastAGI calls the server's RSS is read, comma-separated")
+    parser.add_argument("--console-only", action="store_true",
+                        help="measure the operator console only")
     args = parser.parse_args()
     subprocess.run([PY, "-m", "compileall", "-q", str(ROOT / "lib")], check=True,
                    stdout=subprocess.DEVNULL)
     workdir = Path(tempfile.mkdtemp(prefix="astbill-bench-"))
-    backends = [("SQLite", f"sqlite://{workdir / 'bench.db'}", f"sqlite://{workdir / 'routed.db'}")]
+    backends = [("SQLite", f"sqlite://{workdir / 'bench.db'}", f"sqlite://{workdir / 'routed.db'}",
+                 f"sqlite://{workdir / 'console.db'}")]
     server = None
     if not args.no_mariadb:
         from mariadb_server import MariaDBServer
         server = MariaDBServer(workdir / "mariadb")
         server.start()
         backends.append(("MariaDB", server.create_database("astbill_bench"),
-                         server.create_database("astbill_routed")))
+                         server.create_database("astbill_routed"),
+                         server.create_database("astbill_console")))
     try:
-        report(workdir, backends, args)
+        if args.console_only:
+            console_report(workdir, backends, args)
+        else:
+            report(workdir, backends, args)
     finally:
         if server:
             server.stop()
@@ -473,7 +486,7 @@ def report(workdir, backends, args):
     floor_rss = floor_rss_kb()
     print(f"{'':52}{'median':>8}{'p95':>8}{'floor':>8}{'x floor':>9}")
     rss = {}
-    for label, database, routed_database in backends:
+    for label, database, routed_database, _ in backends:
         config = prepare(workdir, database, label.lower())
         env["ASTBILL_CONFIG"] = str(config)
         cells = {}
@@ -542,8 +555,78 @@ def report(workdir, backends, args):
         fastagi_report(label, workdir / f"{label.lower()}.yaml", args.runs, volumes)
         if label == "MariaDB":
             fastagi_report("MariaDB (PyMySQL)", workdir / "pymysql.yaml", args.runs, volumes)
+    console_report(workdir, backends, args)
     print("\nreference, A2Billing's PHP AGI on this kind of machine: start -> EXEC Dial 3.0x floor,"
           " peak RSS 2.8x floor, 17 statements and 2 connections per call")
+
+
+CONSOLE_DAYS = 365   # the CDRs' starts are spread over a year up to now
+
+
+def console_report(workdir, backends, args):
+    """The operator console (astbill-web on Debian's Python) over HTTP with
+    ``--cdr-rows`` CDRs spread over a year: the dashboard and a CDR page
+    beside the floor (the login page: a page rendered, no database read);
+    then a call's authorize while a console refreshes the dashboard and its
+    calls in progress every second, beside the same quiet."""
+    import debian
+    from conftest import RATES, Billing
+    from test_web_api import Web
+    from test_web_pages import logged_in, make_logins
+    print(f"\nconsole (astbill-web), {args.cdr_rows:,} CDRs over {CONSOLE_DAYS} days;"
+          " times in ms (median / p95), floor: GET /login")
+    print(f"{'':52}{'median':>8}{'p95':>8}{'floor':>8}{'x floor':>9}")
+    for label, *_, database in backends:
+        (workdir / f"console-{label}").mkdir()
+        billing = Billing(workdir / f"console-{label}", database)
+        billing.admin_ok("init-db")
+        billing.setup_rates(RATES)
+        for account in ("1001", "2002"):
+            billing.admin_ok("account", "add", account, "--balance", "100000")
+        make_logins(billing)
+        fill_cdr(billing.config, args.cdr_rows, days=CONSOLE_DAYS)
+        web = Web(billing, debian.PYTHON)
+        try:
+            client = logged_in(web, "alice")
+            today = time.strftime("%Y-%m-%d", time.gmtime())
+            pages = {"dashboard": "/", "CDR page (100 of today's)": f"/cdrs?since={today}"}
+            times = {name: [] for name in ("floor", *pages)}
+            for _ in range(args.runs):
+                for name, path in (("floor", "/login"), *((n, p) for n, p in pages.items())):
+                    began = time.perf_counter()
+                    assert client.get(path)[0] == 200, path
+                    times[name].append(time.perf_counter() - began)
+            floor = times.pop("floor")
+            for name, samples in times.items():
+                print(f"{label + ' ' + name:52}{med(samples):8.1f}{p95(samples):8.1f}"
+                      f"{med(floor):8.1f}{med(samples) / med(floor):9.2f}")
+            env = dict(os.environ, ASTBILL_CONFIG=str(billing.config))
+            quiet = [s.authorize for s in latency(env, "1001", "4912345678", args.runs)[0]]
+            with refreshing(logged_in(web, "bob")):
+                busy = [s.authorize for s in latency(env, "1001", "4912345678", args.runs)[0]]
+            print(f"  {label}: authorize {med(quiet):.1f} ms quiet, {med(busy):.1f} ms while a"
+                  f" console refreshes every second ({med(busy) / med(quiet) - 1:+.1%})")
+        finally:
+            web.stop()
+
+
+@contextlib.contextmanager
+def refreshing(client):
+    """A console open on the dashboard: the page and its calls in progress
+    fetched every second (as live.js does) until the block ends."""
+    done = threading.Event()
+
+    def refresh():
+        while not done.wait(1):
+            client.get("/")
+            client.get("/live/calls")
+    thread = threading.Thread(target=refresh)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 if __name__ == "__main__":

@@ -386,6 +386,7 @@ def upload(client, name, text):
 # -- a real browser -----------------------------------------------------------------
 
 DEBIAN_SELENIUM = "/usr/lib/python3/dist-packages"
+CHROMEDRIVER = "/usr/bin/chromedriver"
 
 
 @pytest.fixture
@@ -397,8 +398,12 @@ def browser():
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
+        found = os.access(CHROMEDRIVER, os.X_OK)
     except ImportError:
-        why = "Debian's python3-selenium is needed (scripts/setup-env --with-mariadb)"
+        found = False
+    if not found:
+        why = ("Debian's chromium, chromium-driver and python3-selenium are needed"
+               " (scripts/setup-env --with-mariadb)")
         if os.environ.get("CI") == "true":
             pytest.fail(why)
         pytest.skip(why)
@@ -406,7 +411,7 @@ def browser():
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
                 "--window-size=1280,1100"):
         options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.implicitly_wait(0)
     yield driver
     driver.quit()
