@@ -526,6 +526,11 @@ def test_the_dashboards_figures_by_hour_day_and_trunk(tariff):
         store.atomic(lambda tx: tx.run("UPDATE astcdr SET trunk = '', buy_cost = NULL"
                                        " WHERE uniqueid = 't.3'"))
         figures = actions.statistics(load_settings(billing), store, "2026-03-10")
+        # The days before it, kept by the caller, give the same figures.
+        kept = {}
+        for _ in range(2):
+            assert actions.statistics(load_settings(billing), store, "2026-03-10", kept) == figures
+        assert sorted(kept)[::28] == ["2026-02-09", "2026-03-09"]
     finally:
         store.close()
     assert figures["today"] == {

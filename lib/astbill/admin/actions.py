@@ -361,26 +361,49 @@ def list_decks(settings, store):
 
 
 DAYS_SHOWN = 30
+# How long the figures of a day before today may be reused: its CDRs
+# change after midnight only by calls settled late and by the sweep.
+PAST_SECONDS = 300
 
 
-def statistics(settings, store, day=None):
+def statistics(settings, store, day=None, kept=None):
     """The console's figures for ``day`` (UTC 'YYYY-MM-DD', default today):
     its totals, its calls by hour, per trunk (with ASR and ACD), and revenue
     and margin by day for the DAYS_SHOWN days up to it.  Only those days'
-    CDRs are read, through the start index."""
+    CDRs are read, through the start index; ``kept``, a dict the caller
+    keeps between calls, spares reading the days before ``day`` again for
+    PAST_SECONDS."""
     first = time.strptime(moment(day, "day")[:10] if day else timestamp()[:10], "%Y-%m-%d")
     start = calendar.timegm(first)
     days = [timestamp(start - n * 86400)[:10] for n in range(DAYS_SHOWN - 1, -1, -1)]
-    since, until = f"{days[0]} 00:00:00", timestamp(start + 86400)
-    today = f"{days[-1]} 00:00:00"
+    today, until = f"{days[-1]} 00:00:00", timestamp(start + 86400)
     places = settings["decimals"]
-    hourly = dict((r[0], r) for r in store.read(lambda tx: tx.cdr_periods(today, until, 13)))
-    daily = dict((r[0], r) for r in store.read(lambda tx: tx.cdr_periods(since, until, 10)))
+    hourly = {r[0][11:]: r for r in store.read(lambda tx: tx.cdr_periods(today, until, 13))}
+    daily = past_days(store, days[:-1], {} if kept is None else kept)
+    # Today's figures are its hours' sums.
+    daily[days[-1]] = (days[-1], *map(sum, zip(*(r[1:] for r in hourly.values())))) if hourly \
+        else None
     trunks = store.read(lambda tx: tx.cdr_trunks(today, until))
-    hours = [figures(hourly.get(f"{days[-1]} {h:02d}"), f"{h:02d}", places) for h in range(24)]
-    return {"day": days[-1], "today": figures(daily.get(days[-1]), days[-1], places),
-            "hours": hours, "days": [figures(daily.get(d), d, places) for d in days],
+    return {"day": days[-1], "today": figures(daily[days[-1]], days[-1], places),
+            "hours": [figures(hourly.get(f"{h:02d}"), f"{h:02d}", places) for h in range(24)],
+            "days": [figures(daily[d], d, places) for d in days],
             "trunks": [figures(r, r[0], places) for r in trunks]}
+
+
+def past_days(store, days, kept):
+    """{day: its figures' row, or None} of ``days`` (consecutive, before
+    today): those in ``kept`` for less than PAST_SECONDS from there, the
+    rest read in one statement and kept."""
+    now = time.monotonic()
+    for day in [d for d in kept if d not in days or now - kept[d][0] >= PAST_SECONDS]:
+        kept.pop(day, None)
+    missing = [d for d in days if d not in kept]
+    if missing:
+        end = timestamp(calendar.timegm(time.strptime(missing[-1], "%Y-%m-%d")) + 86400)
+        rows = {r[0]: r for r in store.read(
+            lambda tx: tx.cdr_periods(f"{missing[0]} 00:00:00", end, 10))}
+        kept.update((d, (now, rows.get(d))) for d in missing)
+    return {d: kept[d][1] for d in days}
 
 
 def figures(row, label, places):
