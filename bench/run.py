@@ -329,7 +329,8 @@ def fill_cdr(config, rows, days=None):
     """Add ``rows`` settled, unanswered CDRs (cost 0: the books stay
     balanced), the bulk way each backend allows: all started on one day
     long ago, or (``days``) spread over the ``days`` up to now."""
-    store = open_store(dict(load(str(config)), lock_wait_secs=60))  # one long statement
+    # One long statement: the lock and the reply may take minutes.
+    store = open_store(dict(load(str(config)), lock_wait_secs=60, read_timeout_secs=900))
     if store.placeholder == "?":
         start = ("datetime('now', '-' || (i % {days}) || ' days', '-' || (i * 37 % 86400)"
                  " || ' seconds')" if days else "'2026-01-01 00:00:00'").format(days=days)

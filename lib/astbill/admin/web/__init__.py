@@ -16,6 +16,8 @@ import sys
 from ... import __version__, config
 
 PROG = "astbill-web"
+# The HTTP status of each kind of ActionError, for the API and the pages.
+STATUS = {"invalid": 400, "missing": 404, "exists": 409, "reused": 422}
 DEFAULT_LISTEN = "127.0.0.1:8080"
 THREADS = 8
 

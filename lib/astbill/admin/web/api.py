@@ -16,11 +16,10 @@ from ... import __version__, config
 from ...store import StoreError, open_store
 from .. import actions, auth
 from ..actions import ActionError
-from . import log, pages
+from . import STATUS, log, pages
 
 BASE = "/api/v1"
 PAGE, MOST = 100, 1000
-STATUS = {"invalid": 400, "missing": 404, "exists": 409, "reused": 422}
 MAX_BODY = 32 * 1024 * 1024   # a deck of a million prefixes is about 30 MB
 
 

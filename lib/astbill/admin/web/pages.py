@@ -30,15 +30,14 @@ from ... import config
 from ...store import StoreError, open_store
 from .. import actions, auth
 from ..actions import ActionError
-from . import log
+from . import STATUS, log
 
 bp = Blueprint("pages", __name__, template_folder="templates", static_folder="static",
                static_url_path="/static")
 
 COOKIE = "astbill_session"
 LOGIN_COOKIE = "astbill_login"   # the login form's CSRF token, before there is a session
-LOGINS = {"pages.login": "user", "pages.portal_login": "account"}
-STATUS = {"invalid": 400, "missing": 404, "exists": 409, "reused": 409}
+LOGINS = {"pages.login", "pages.portal_login"}
 CDR_PAGE = 100
 HEADERS = {
     # Nothing from elsewhere, no inline script: a tag that slipped through
@@ -56,6 +55,7 @@ class Throttle:
     address): at MOST of them, the key is refused until the oldest ages out.
     Kept in the service's memory: one process serves every request."""
     WINDOW = 15 * 60
+    KEYS = 100_000
 
     def __init__(self, most):
         self.most, self.failures, self.lock = most, {}, threading.Lock()
@@ -68,7 +68,11 @@ class Throttle:
 
     def failed(self, key):
         with self.lock:
-            self.failures.setdefault(key, []).append(time.monotonic())
+            now = time.monotonic()
+            if len(self.failures) > self.KEYS:   # names sprayed at random: forget the old
+                self.failures = {k: t for k, t in self.failures.items()
+                                 if t and t[-1] > now - self.WINDOW}
+            self.failures.setdefault(key, []).append(now)
 
 
 BY_NAME, BY_ADDRESS = Throttle(5), Throttle(20)
