@@ -225,6 +225,7 @@ def test_every_form_needs_its_csrf_token(console):
     for path, fields in FORMS:
         assert alice.post(path, fields, csrf=False)[0] == 403, path
         assert alice.request("POST", path, dict(fields, csrf="x" * 43))[0] == 403, path
+        assert alice.request("POST", path, dict(fields, csrf="é" * 43))[0] == 403, path
     # Another session's token is not this one's.
     bob = logged_in(console, "bob")
     status, _, text = alice.request("POST", "/accounts/1001/topup",

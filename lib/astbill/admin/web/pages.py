@@ -100,8 +100,8 @@ def session():
         return redirect(url_for("pages.portal_login" if portal else "pages.login"))
     else:
         expected = g.csrf
-    if request.method == "POST" and not (
-            expected and secrets.compare_digest(request.form.get("csrf", ""), expected)):
+    if request.method == "POST" and not (expected and secrets.compare_digest(
+            request.form.get("csrf", "").encode(), expected.encode())):   # bytes: any text
         abort(403, "this form has expired or did not come from here: reload the page")
     return None
 
