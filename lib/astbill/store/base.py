@@ -639,8 +639,8 @@ class Tx:
 
     # The figures of CDRs started in a range, by period: the start's first
     # ``width`` characters ('YYYY-MM-DD HH' an hour, 'YYYY-MM-DD' a day; both
-    # backends give a start so as text).  The range is found through the
-    # start index, so only the periods shown are read.
+    # backends give a start so as text).  Read from the astcdr_figures index
+    # alone (schema step 8): the range of the periods shown, no row fetched.
     def cdr_periods(self, since, until, width):
         """[(period, calls, answered, billsec, revenue, buy cost, margin)]."""
         return self._cdr_figures(f"SUBSTR(start, 1, {int(width)})", since, until)
