@@ -140,12 +140,13 @@ SESSION_SECONDS = 8 * 3600   # a working day; then one logs in again
 
 def open_session(settings, store, kind, name):
     """A new session of a user (``kind`` "user") or a customer ("account"):
-    (its cookie, its CSRF token).  Only the cookie's SHA-256 is stored."""
+    its cookie, of which only the SHA-256 is stored, beside the CSRF token
+    its forms must carry."""
     cookie, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     now = time.time()
     write(settings, lambda tx: tx.add_session(token_hash(cookie), kind, name, csrf,
                                               timestamp(now + SESSION_SECONDS), timestamp(now)))
-    return cookie, csrf
+    return cookie
 
 
 def session(store, cookie):

@@ -167,7 +167,7 @@ def login_page(template, kind, home):
         BY_ADDRESS.failed(address)
         log(f"{address} failed login of {kind} {name!r}")
         return login_form(template, "wrong name or password", 401)
-    cookie, _ = auth.open_session(g.settings, g.store, kind, name)
+    cookie = auth.open_session(g.settings, g.store, kind, name)
     g.actor = f"{kind}:{name}"
     reply = redirect(url_for(home))
     set_cookie(reply, COOKIE, cookie, auth.SESSION_SECONDS)
