@@ -492,10 +492,16 @@ def test_in_a_browser_top_up_upload_rates_watch_a_call_and_see_the_charts(consol
         gate.set()
     call.wait()
     wait_for(browser, lambda d: "No call in progress." in by_id(d, "calls").text)
-    browse(browser, console, "/cdrs")
-    browser.save_screenshot(str(shots / "cdrs.png"))
+    for name, path in (("cdrs", "/cdrs"), ("accounts", "/accounts"), ("trunks", "/trunks"),
+                       ("audit", "/audit")):
+        browse(browser, console, path)
+        browser.save_screenshot(str(shots / f"{name}.png"))
+    # The CDRs written above have no ledger rows: the audit names each.
+    assert by_id(browser, "audit").text == "12 problems:"
     # The customer's portal: their balance, and a destination's price.
     browser.delete_all_cookies()
+    browse(browser, console, "/portal/login")
+    browser.save_screenshot(str(shots / "portal-login.png"))
     browser_login(browser, console, "1001", portal=True)
     by_id(browser, "number").send_keys("004930123")
     by_id(browser, "quote").find_element(By.TAG_NAME, "button").click()
