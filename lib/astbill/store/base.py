@@ -444,15 +444,16 @@ class Tx:
         m = self.store.money_out
         return [(r[0], r[1], m(r[2]), m(r[3]), m(r[4]), r[5], r[6]) for r in rows]
 
-    def idempotency(self, key):
-        """(fingerprint, result) of the request that used ``key``, or None."""
-        return self.one("SELECT fingerprint, result FROM astidempotency WHERE idem_key = ?",
-                        (key,))
+    def idempotency(self, actor, key):
+        """(fingerprint, result) of the request ``actor`` made with ``key``, or None."""
+        return self.one("SELECT fingerprint, result FROM astidempotency"
+                        " WHERE actor = ? AND idem_key = ?", (actor, key))
 
-    def remember(self, key, account, fingerprint, result, now):
-        """Keep ``key``'s request and its result: Conflict if it is taken."""
-        self.run("INSERT INTO astidempotency (idem_key, account, fingerprint, result, created)"
-                 " VALUES (?, ?, ?, ?, ?)", (key, account, fingerprint, result, now))
+    def remember(self, actor, key, account, fingerprint, result, now):
+        """Keep ``actor``'s request with ``key`` and its result: Conflict if it is taken."""
+        self.run("INSERT INTO astidempotency (actor, idem_key, account, fingerprint, result,"
+                 " created) VALUES (?, ?, ?, ?, ?, ?)",
+                 (actor, key, account, fingerprint, result, now))
 
     # Staff users (``astuser``) and API tokens (``asttoken``): {table}, one
     # of the two, and what is kept of the secret (a password's or a token's
