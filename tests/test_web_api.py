@@ -339,13 +339,37 @@ def test_a_malformed_body_or_path_is_one_json_line(web):
                                      (b'{"amount": NaN}', "application/json",
                                       "the body is not JSON"),
                                      (b"\xff", "application/json", "the body is not JSON"),
+                                     # which amount would count?
+                                     (b'{"amount": "1", "amount": "2"}', "application/json",
+                                      "the body is not JSON"),
+                                     (b"[" * 60_000, "application/json",
+                                      "the body is not JSON"),
+                                     (b'{"amount": "1", "pad": "' + b" " * 70_000 + b'"}',
+                                      "application/json", None),
                                      (b"amount=1", "application/x-www-form-urlencoded",
                                       "send a JSON object (Content-Type: application/json)")):
+        expected = (400, {"error": error}) if error else (
+            413, {"error": "the body is longer than 65536 bytes"})   # refused unread
         assert web.call("POST", "/accounts/1001/topups", raw=raw, content_type=content_type,
-                        headers={"Idempotency-Key": "k"})[::2] == (400, {"error": error})
+                        headers={"Idempotency-Key": "k"})[::2] == expected
     assert web.call("GET", "/nothing")[::2] == (404, {"error": "not found"})
-    assert web.call("DELETE", "/accounts/1001")[::2] == (405, {"error": "method not allowed"})
+    status, headers, reply = web.call("DELETE", "/accounts/1001")
+    assert (status, reply, headers["Allow"]) == (405, {"error": "method not allowed"},
+                                                 "GET, HEAD, OPTIONS, PATCH")
     assert web.billing.balance("1001") == Decimal(10)
+
+
+def test_the_access_log_takes_no_line_from_a_client(web):
+    # A newline in the path (%0A) would forge an admin's adjustment into the log.
+    forged = "/x%0A127.0.0.1%20POST%20/api/v1/accounts/1001/adjustments%20200%20token:admin-1"
+    assert web.call("GET", forged, role=None)[0] == 401
+    # The address nginx on this box forwards is the one logged.
+    web.call("GET", "/accounts/1001", headers={"X-Forwarded-For": "203.0.113.9"})
+    log = web.stop()
+    web.process.wait()
+    assert not any(line.startswith("127.0.0.1 POST") for line in log.splitlines())
+    assert "GET /api/v1/x\\n127.0.0.1 POST /api/v1/accounts/1001/adjustments 200" in log
+    assert "astbill-web: 203.0.113.9 GET /api/v1/accounts/1001 200 token:admin-1" in log
 
 
 def test_a_database_failure_is_one_line_with_no_sql_and_is_logged(web):

@@ -37,7 +37,8 @@ class ActionError(Exception):
     one line per problem where a file has them (a rates file's rows).
     ``kind``: "invalid" (the request itself), "missing" (what it names is
     not there), "exists" (what it would make is there) or "reused" (an
-    idempotency key given for another request)."""
+    idempotency key given for another request); the web adds "large" (a
+    body too long to take)."""
 
     def __init__(self, message, lines=None, kind="invalid"):
         super().__init__(message)

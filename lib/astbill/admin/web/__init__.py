@@ -29,10 +29,16 @@ def main(argv=None):
     import waitress
 
     from ...store import keep_sessions
-    from .api import create_app
+    from .api import MAX_BODY, create_app
     keep_sessions()   # a database session per worker thread, between requests
-    server = waitress.create_server(create_app(args.config), host=host, port=port,
-                                    threads=THREADS, ident=PROG, clear_untrusted_proxy_headers=True)
+    # Behind nginx on this box (INSTALL): the client's address and scheme
+    # are taken from its X-Forwarded headers, from no one else.  Waitress
+    # itself refuses a body longer than any request takes (413).
+    server = waitress.create_server(
+        create_app(args.config), host=host, port=port, threads=THREADS, ident=PROG,
+        trusted_proxy="127.0.0.1", trusted_proxy_count=1,
+        trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto"},
+        clear_untrusted_proxy_headers=True, max_request_body_size=MAX_BODY + 4096)
     shown = f"[{host}]" if ":" in host else host
     sys.stderr.write(f"{PROG}: listening on http://{shown}:{server.effective_port}\n")
     sys.stderr.flush()
