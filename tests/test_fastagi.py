@@ -408,6 +408,7 @@ def test_a_hundred_calls_through_two_servers_on_one_database_never_overspend(tar
     tariff.admin_ok("account", "add", "pool", "--balance", str(balance))
     pair = [servers(), servers()]
     gate = threading.Event()
+    # Turn about: which server's calls win the money is a race, never decided here.
     calls = [pair[i % 2].start(Scenario(dial_gate=gate, answered_ms=30_000 + 300 * i),
                                account="pool") for i in range(100)]
     watch = OverdraftWatch(tariff)
@@ -421,7 +422,6 @@ def test_a_hundred_calls_through_two_servers_on_one_database_never_overspend(tar
     statuses = [r.variables_set.get("ASTBILL_STATUS") for r in results]
     assert set(statuses) <= {"OK", "NOFUNDS"}, statuses
     assert statuses.count("OK") == balance / reserved_each
-    assert {"OK"} <= set(statuses[0::2]) and {"OK"} <= set(statuses[1::2])  # both servers sold
     cdrs = invariants(tariff, {"1001": Decimal("10"), "pool": balance})
     assert sorted(c["uniqueid"] for c in cdrs) == sorted(
         c.uniqueid for c, s in zip(calls, statuses) if s == "OK")
