@@ -427,6 +427,26 @@ def test_a_hundred_calls_through_two_servers_on_one_database_never_overspend(tar
         c.uniqueid for c, s in zip(calls, statuses) if s == "OK")
 
 
+@pytest.mark.parametrize("billing", ["sqlite"], indirect=True)   # one writer at a time there
+def test_a_hundred_writers_in_one_server_take_turns_and_none_is_refused_busy(tariff, server):
+    tariff.write_config(lock_wait_secs=1)
+    tariff.admin_ok("account", "add", "busy", "--balance", "1000")
+    results = []
+
+    def client():
+        for _ in range(3):
+            results.append(server.call(Scenario(answered_ms=1000), account="busy"))
+    clients = [threading.Thread(target=client) for _ in range(100)]
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join()
+    statuses = [r.variables_set.get("ASTBILL_STATUS") for r in results]
+    assert statuses == ["OK"] * 300, [r.verbose for r in results if r.verbose][:3]
+    cdrs = invariants(tariff, {"1001": Decimal("10"), "busy": Decimal("1000")})
+    assert len(cdrs) == 300 and {c["cost"] for c in cdrs} == {Decimal("0.0600")}
+
+
 def test_the_config_is_read_again_when_it_changes_and_on_sighup(tariff, server):
     assert server.call(Scenario(answered_ms=1000)).dial_args.startswith("PJSIP/4912345678@trunk,")
     tariff.write_config(dial="SIP/other/{number}")

@@ -134,17 +134,19 @@ class Store:
     def _ping(self, conn):
         conn.cursor().execute("SELECT 1")
 
-    def atomic(self, work):
+    def atomic(self, work, waiting_since=None):
         """Run ``work(tx)`` in one transaction and commit it, once.
 
         Any failure rolls back and raises: Busy (retryable after a deadlock
         or a certification failure), Conflict, or StoreError.
+        ``waiting_since``: when the caller began to wait for its turn (the
+        account lock's wait counts from then).
         """
         committing = False
         try:
             conn = self.connection()
             cur = conn.cursor()
-            self.began = time.monotonic()
+            self.began = waiting_since or time.monotonic()
             cur.execute(self.begin_sql)
             result = work(Tx(self, cur))
             committing = True
