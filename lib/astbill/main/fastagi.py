@@ -400,8 +400,9 @@ class FastAGIServer:
                 channel, profile_arguments(self.config.path), notes.append)
         finally:
             self._hang_up(conn)
-        log("; ".join(notes or [self._outcome(channel, call_settings, settlement, problem)]))
+        # Counted before the line is written: counts read after it include the call.
         self._count("errors" if problem else "served")
+        log("; ".join(notes or [self._outcome(channel, call_settings, settlement, problem)]))
         if settlement is not None and settlement.cost is not None:
             # The database took our call: retry what earlier calls spooled.
             from ..recovery import replay_after_call
