@@ -170,7 +170,8 @@ class _ServerConfig:
     def _nets(settings):
         return [ipaddress.ip_network(n) for n in settings["fastagi_allow"]]
 
-    def allows(self, host):
+    def admission(self, host):
+        """(the peer's address, whether fastagi_allow lets it in)."""
         address = ipaddress.ip_address(host.split("%")[0])
         if address.version == 6 and address.ipv4_mapped:
             address = address.ipv4_mapped
@@ -313,7 +314,7 @@ class FastAGIServer:
 
     def _admit(self, conn, peer):
         settings = self.config.current()
-        address, allowed = self.config.allows(peer[0])
+        address, allowed = self.config.admission(peer[0])
         if not allowed:
             conn.close()
             log(f"astbill-fastagi: connection from {address} closed: not in fastagi_allow")
