@@ -174,7 +174,7 @@ def current_rss_kb(pid):
     return 0
 
 
-def fastagi_report(label, config, runs, volumes):
+def fastagi_report(label, config, runs, volumes, floor_rss):
     proc, port = start_fastagi(config)
     try:
         times = sorted(fastagi_call(port, "shared", "4912345678")[0] for _ in range(runs))
@@ -187,10 +187,14 @@ def fastagi_report(label, config, runs, volumes):
         for volume in volumes:
             fastagi_clients(port, 10, volume - done)
             done = volume
-            sizes.append(f"{volume:,} calls {current_rss_kb(proc.pid) / 1024:.1f} MB")
+            sizes.append(current_rss_kb(proc.pid))
+        growth = sizes[-1] / sizes[0]
         print(f"  {label:20} connect -> EXEC Dial median {statistics.median(times) * 1000:.1f} ms,"
-              f" p99 {p99:.1f} ms; setups/s with clients {', '.join(rates)};"
-              f" server RSS after {', '.join(sizes)}")
+              f" p99 {p99:.1f} ms; setups/s with clients {', '.join(rates)};\n"
+              f"  {'':20} server RSS after " + ", ".join(
+                  f"{v:,} calls {kb / 1024:.1f} MB ({kb / floor_rss:.2f}x floor)"
+                  for v, kb in zip(volumes, sizes))
+              + f"; last / first {growth:.3f} ({'within' if growth <= 1.1 else 'NOT within'} 10%)")
     finally:
         proc.terminate()
         proc.wait(60)
@@ -228,13 +232,15 @@ def p95(values):
 
 # -- the databases -----------------------------------------------------------
 
-def prepare(workdir, database, label):
-    """A config and a database with the two tariffs and the accounts."""
+def prepare(workdir, database, label, big=True):
+    """A config and a database with the two tariffs (the big one unless
+    not ``big``) and the accounts."""
     config = new_database(workdir, database, label)
     admin(config, "rate", "import", str(rates_csv(workdir, 100)), "--tariff", "small")
-    admin(config, "rate", "import", str(rates_csv(workdir, 100_000)), "--tariff", "big")
     admin(config, "account", "add", "small", "--balance", "100000", "--tariff", "small")
-    admin(config, "account", "add", "big", "--balance", "100000", "--tariff", "big")
+    if big:
+        admin(config, "rate", "import", str(rates_csv(workdir, 100_000)), "--tariff", "big")
+        admin(config, "account", "add", "big", "--balance", "100000", "--tariff", "big")
     admin(config, "account", "add", "shared", "--balance", "100000", "--tariff", "small")
     store = open_store(load(str(config)))
     store.atomic(lambda tx: [tx.add_account(f"many{i}", "small", Decimal(1000), "2026-01-01 00:00:00")
@@ -444,6 +450,8 @@ def main():
                         help="after how many FastAGI calls the server's RSS is read, comma-separated")
     parser.add_argument("--console-only", action="store_true",
                         help="measure the operator console only")
+    parser.add_argument("--fastagi-only", action="store_true",
+                        help="only the FastAGI rows (and the floor's RSS beside them)")
     args = parser.parse_args()
     subprocess.run([PY, "-m", "compileall", "-q", str(ROOT / "lib")], check=True,
                    stdout=subprocess.DEVNULL)
@@ -461,6 +469,14 @@ def main():
     try:
         if args.console_only:
             console_report(workdir, backends, args)
+        elif args.fastagi_only:
+            for label, database, *_ in backends:
+                prepare(workdir, database, label.lower(), big=False)
+                if label == "MariaDB":
+                    write_config(workdir, database, "pymysql", "pymysql")
+            print(f"machine: {os.uname().machine}, {os.cpu_count()} cores,"
+                  f" Python {sys.version.split()[0]}")
+            fastagi_rows(workdir, backends, args)
         else:
             report(workdir, backends, args)
     finally:
@@ -477,6 +493,18 @@ def print_cell(name, label, samples, floor):
     settle = [s.settle for s in samples]
     print(f"{label + ' settle':52}{med(settle):8.1f}{p95(settle):8.1f}")
     return med(auth) / med(floor)
+
+
+def fastagi_rows(workdir, backends, args):
+    floor_rss = floor_rss_kb()
+    print("\nFastAGI (astbill-fastagi, one server; a call is connect -> EXEC Dial -> settled -> close;"
+          f" floor RSS, the bare interpreter: {floor_rss / 1024:.1f} MB):")
+    volumes = [int(v) for v in args.fastagi_calls.split(",")]
+    for label, *_ in backends:
+        fastagi_report(label, workdir / f"{label.lower()}.yaml", args.runs, volumes, floor_rss)
+        if label == "MariaDB":
+            fastagi_report("MariaDB (PyMySQL)", workdir / "pymysql.yaml", args.runs, volumes,
+                           floor_rss)
 
 
 def report(workdir, backends, args):
@@ -550,12 +578,7 @@ def report(workdir, backends, args):
                                capture_output=True, text=True)
         said = (audit.stdout.strip() or audit.stderr.strip() or "(nothing)").splitlines()
         print(f"  {label:8}after the bursts: {said[-1]}")
-    print("\nFastAGI (astbill-fastagi, one server; a call is connect -> EXEC Dial -> settled -> close):")
-    volumes = [int(v) for v in args.fastagi_calls.split(",")]
-    for label, *_ in backends:
-        fastagi_report(label, workdir / f"{label.lower()}.yaml", args.runs, volumes)
-        if label == "MariaDB":
-            fastagi_report("MariaDB (PyMySQL)", workdir / "pymysql.yaml", args.runs, volumes)
+    fastagi_rows(workdir, backends, args)
     console_report(workdir, backends, args)
     print("\nreference, A2Billing's PHP AGI on this kind of machine: start -> EXEC Dial 3.0x floor,"
           " peak RSS 2.8x floor, 17 statements and 2 connections per call")

@@ -21,18 +21,23 @@ CREATE TABLE asttoken (
 
 CREATE UNIQUE INDEX asttoken_hash ON asttoken (token_hash);
 
--- A top-up or adjustment made with an Idempotency-Key: the same key again
--- gets this result and changes nothing; another request with it is refused.
+-- A top-up or adjustment made with an Idempotency-Key: the same key again,
+-- from the same token, gets this result and changes nothing; another
+-- request with it is refused.  Each token has keys of its own: one shop's
+-- key neither answers nor reveals another's.
 CREATE TABLE astidempotency (
+  actor         VARCHAR(100)  NOT NULL,  -- token:NAME
   idem_key      VARCHAR(80)   NOT NULL,
   account       VARCHAR(80)   NOT NULL,
   fingerprint   CHAR(64)      NOT NULL,  -- SHA-256 of what was asked
   result        TEXT          NOT NULL,  -- the answer given, JSON
   created       {time}        NOT NULL,
-  PRIMARY KEY (idem_key)
+  PRIMARY KEY (actor, idem_key)
 ) {table};
 
 -- Keys match exactly, as account names do (see step 6).
+--@ mysql
+ALTER TABLE astidempotency MODIFY actor VARCHAR(100) CHARACTER SET utf8mb4 COLLATE {exact} NOT NULL;
 --@ mysql
 ALTER TABLE astidempotency MODIFY idem_key VARCHAR(80) CHARACTER SET utf8mb4 COLLATE {exact} NOT NULL;
 --@ mysql
@@ -40,4 +45,4 @@ ALTER TABLE astidempotency MODIFY account VARCHAR(80) CHARACTER SET utf8mb4 COLL
 
 -- Who made a change by hand: the user or token (NULL for calls, and for
 -- rows older than this step).
-ALTER TABLE astledger ADD COLUMN actor VARCHAR(80) NULL;
+ALTER TABLE astledger ADD COLUMN actor VARCHAR(100) NULL;

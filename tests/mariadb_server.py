@@ -126,12 +126,17 @@ class MariaDBServer:
         if not (self.datadir / "mysql").is_dir():
             self._install()
         self._write_init_file()
+        self.tmpdir = self.basedir / "tmp"
+        self.tmpdir.mkdir(exist_ok=True)
         cmd = [
             self._mariadbd, "--no-defaults", f"--datadir={self.datadir}",
             f"--socket={self.socket}", f"--port={self.port}",
             "--bind-address=127.0.0.1", "--skip-name-resolve", *self._user_args(),
             f"--log-error={self.error_log}", f"--pid-file={self.pid_file}",
             f"--init-file={self.init_file}",
+            # Its temporary tables in its own directory: whatever else
+            # tidies the machine's /tmp meanwhile cannot pull them away.
+            f"--tmpdir={self.tmpdir}",
             "--skip-log-bin", "--max-connections=500",
             "--character-set-server=utf8mb4", "--collation-server=utf8mb4_general_ci",
             "--innodb-buffer-pool-size=64M", "--innodb-log-file-size=48M",

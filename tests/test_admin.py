@@ -465,13 +465,13 @@ uniqueid  start                account  dst         billsec  disposition  cost  
 def test_csv_cells_from_calls_never_start_a_formula(tariff):
     tariff.admin_ok("account", "add", "@home", "--balance", "5")
     result = place_call(tariff, Scenario(answered_ms=61_000), account="@home",
-                        agi_callerid="=1+1", agi_calleridname="-2+3", agi_context="+ctx",
+                        agi_callerid="=1+1", agi_calleridname="-2+3", agi_context="  =ctx",
                         agi_channel="\tSIP/x-1")
     assert result.variables_set["ASTBILL_COST"] == "0.1200", result.dialogue_text()
     (row,) = csv.DictReader(io.StringIO(tariff.admin_ok("cdr", "--csv")))
     assert {key: row[key] for key in ("src", "clid", "dcontext", "channel", "accountcode",
                                       "account", "cost", "billsec", "rate")} == {
-        "src": "'=1+1", "clid": '"-2+3" <=1+1>', "dcontext": "'+ctx", "channel": "'\tSIP/x-1",
+        "src": "'=1+1", "clid": '"-2+3" <=1+1>', "dcontext": "'  =ctx", "channel": "'\tSIP/x-1",
         "accountcode": "'@home", "account": "'@home", "cost": "0.1200", "billsec": "61",
         "rate": "0.0600"}
     (record,) = json.loads(tariff.admin_ok("cdr", "--json"))  # JSON is not for spreadsheets

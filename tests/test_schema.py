@@ -164,18 +164,24 @@ def test_an_upgrade_stopped_by_a_missing_privilege_resumes_where_it_stopped(rele
     assert dump(release_1, upgraded=True) == before
 
 
-@pytest.fixture(params=["sqlite", "mariadb"])
-def release_4(request, tmp_path):
-    """A database of the schema's version 4 with a call up: authorized on
-    the tariff's deck at 0.60 a minute, sent to trunk carrier-a (0.03)."""
+def database_at_version(request, tmp_path, version):
+    """(Billing, open store) of a new database upgraded as far as ``version``."""
     billing = Billing(tmp_path, fresh_database(request, tmp_path, request.param))
     billing.backend = request.param
     store = open_store(dict(load(str(billing.config)), create_database=True))
     store.execute_script(store.dialect.get("prelude", ()))
     assert schema.current_version(store) == 0
     for number, name in schema.steps():
-        if number <= 4:
+        if number <= version:
             schema.apply(store, number, name)
+    return billing, store
+
+
+@pytest.fixture(params=["sqlite", "mariadb"])
+def release_4(request, tmp_path):
+    """A database of the schema's version 4 with a call up: authorized on
+    the tariff's deck at 0.60 a minute, sent to trunk carrier-a (0.03)."""
+    billing, store = database_at_version(request, tmp_path, 4)
     m = store.money_in
     started = timestamp(time.time() - 200)
     rows = [
@@ -318,25 +324,12 @@ def test_an_upgraded_mysql_database_matches_account_names_exactly(release_1):
     assert release_1.query("SELECT COUNT(*) FROM astaccount WHERE account = '1001'") == [(1,)]
 
 
-def made_at(request, tmp_path, version):
-    """A Billing whose database has the schema's steps up to ``version``."""
-    billing = Billing(tmp_path, fresh_database(request, tmp_path, request.param))
-    billing.backend = request.param
-    store = open_store(dict(load(str(billing.config)), create_database=True))
-    store.execute_script(store.dialect.get("prelude", ()))
-    assert schema.current_version(store) == 0
-    for number, name in schema.steps():
-        if number <= version:
-            schema.apply(store, number, name)
-    store.close()
-    return billing
-
-
 @pytest.fixture(params=["sqlite", "mariadb"])
 def release_6(request, tmp_path):
     """A database of schema version 6, used: an account topped up, a
     settled call, a trunk, a deck."""
-    billing = made_at(request, tmp_path, 6)
+    billing, store = database_at_version(request, tmp_path, 6)
+    store.close()
     billing.setup_rates(RATES)
     billing.admin_ok("trunk", "add", "carrier-a", "--dial", "SIP/carrier-a/{number}")
     store = open_store(load(str(billing.config)))
@@ -377,7 +370,8 @@ def test_a_previous_release_database_upgrades_to_users_and_tokens_without_losing
 def release_7(request, tmp_path):
     """A database of schema version 7, used: accounts, a top-up by a token,
     a staff user, a token, an idempotency key."""
-    billing = made_at(request, tmp_path, 7)
+    billing, store = database_at_version(request, tmp_path, 7)
+    store.close()
     billing.setup_rates(RATES)
     billing.admin_ok("account", "add", "1001", "--balance", "10")
     billing.admin_ok("account", "add", "1002", "--balance", "0")

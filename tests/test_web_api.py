@@ -219,6 +219,44 @@ def test_the_same_idempotency_key_tops_up_once(web):
     assert web.billing.balance("2002") == Decimal(0)
 
 
+def test_each_token_has_idempotency_keys_of_its_own(web):
+    # Two shops that happen to number their orders alike: neither top-up is
+    # swallowed by the other's key, and neither learns the other's keys.
+    other = json.loads(web.billing.admin_ok("token", "add", "shop-2", "--role", "shop",
+                                            "--json"))["token"]
+    web.billing.admin_ok("account", "add", "2002", "--balance", "0")
+    assert topup(web, "5", "order-1", role="shop")[0] == 200
+    status, _, reply = web.call("POST", "/accounts/1001/topups", token=other,
+                                body={"amount": "5"}, headers={"Idempotency-Key": "order-1"})
+    assert (status, reply["balance"]) == (200, "20.0000")
+    status, _, reply = web.call("POST", "/accounts/2002/topups", token=other,
+                                body={"amount": "7"}, headers={"Idempotency-Key": "order-2"})
+    assert (status, reply["balance"]) == (200, "7.0000")
+    assert topup(web, "7", "order-2", account="2002", role="shop")[0] == 200  # its own order-2
+    assert [(account, actor) for account, _, actor in ledger_rows(web, "topup")] == [
+        ("1001", "token:shop-1"), ("1001", "token:shop-2"), ("2002", "token:shop-2"),
+        ("2002", "token:shop-1")]
+    assert (web.billing.balance("1001"), web.billing.balance("2002")) == (20, 14)
+
+
+def test_a_balance_beyond_what_can_be_stored_is_refused(web):
+    assert topup(web, "999999999989.999999", "big-1")[0] == 200   # the largest there is
+    assert topup(web, "0.000001", "big-2")[::2] == (
+        400, {"error": "0.000001 would take account '1001' beyond the largest balance"})
+    assert web.billing.balance("1001") == Decimal("999999999999.999999")
+    assert web.billing.admin("audit")[0] == 0
+
+
+def test_a_token_with_the_longest_name_is_recorded_whole(web):
+    name = "s" * 80
+    token = json.loads(web.billing.admin_ok("token", "add", name, "--role", "shop",
+                                            "--json"))["token"]
+    status, _, _ = web.call("POST", "/accounts/1001/topups", token=token, body={"amount": "1"},
+                            headers={"Idempotency-Key": "k" * 80})
+    assert status == 200
+    assert [actor for _, _, actor in ledger_rows(web, "topup")] == [f"token:{name}"]
+
+
 def test_two_keys_at_once_on_one_account_both_apply_exactly_once(web):
     """Eight keys, each sent twice, all sixteen requests at once."""
     keys = [f"burst-{n}" for n in range(8)]
@@ -302,13 +340,41 @@ def test_a_malformed_body_or_path_is_one_json_line(web):
                                      (b'{"amount": NaN}', "application/json",
                                       "the body is not JSON"),
                                      (b"\xff", "application/json", "the body is not JSON"),
+                                     # which amount would count?
+                                     (b'{"amount": "1", "amount": "2"}', "application/json",
+                                      "the body is not JSON"),
+                                     (b"[" * 60_000, "application/json",
+                                      "the body is not JSON"),
+                                     (b'{"amount": "1", "pad": "' + b" " * 70_000 + b'"}',
+                                      "application/json", None),
                                      (b"amount=1", "application/x-www-form-urlencoded",
                                       "send a JSON object (Content-Type: application/json)")):
+        expected = (400, {"error": error}) if error else (
+            413, {"error": "the body is longer than 65536 bytes"})   # refused unread
         assert web.call("POST", "/accounts/1001/topups", raw=raw, content_type=content_type,
-                        headers={"Idempotency-Key": "k"})[::2] == (400, {"error": error})
+                        headers={"Idempotency-Key": "k"})[::2] == expected
     assert web.call("GET", "/nothing")[::2] == (404, {"error": "not found"})
-    assert web.call("DELETE", "/accounts/1001")[::2] == (405, {"error": "method not allowed"})
+    status, headers, reply = web.call("DELETE", "/accounts/1001")
+    assert (status, reply, headers["Allow"]) == (405, {"error": "method not allowed"},
+                                                 "GET, HEAD, OPTIONS, PATCH")
     assert web.billing.balance("1001") == Decimal(10)
+
+
+def test_the_access_log_takes_no_line_from_a_client(web):
+    # A newline in the path (%0A) would forge an admin's adjustment into the log.
+    forged = "/x%0A127.0.0.1%20POST%20/api/v1/accounts/1001/adjustments%20200%20token:admin-1"
+    assert web.call("GET", forged, role=None)[0] == 401
+    # X-Forwarded-For is believed from the proxy --trusted-proxy names alone.
+    web.call("GET", "/accounts/1001", headers={"X-Forwarded-For": "203.0.113.9"})
+    log = web.stop()
+    web.process.wait()
+    assert not any(line.startswith("127.0.0.1 POST") for line in log.splitlines())
+    assert "GET /api/v1/x\\n127.0.0.1 POST /api/v1/accounts/1001/adjustments 200" in log
+    assert "astbill-web: 127.0.0.1 GET /api/v1/accounts/1001 200 token:admin-1" in log
+    behind = Web(web.billing, debian.PYTHON, args=("--trusted-proxy", "127.0.0.1"),
+                 tokens=web.tokens)
+    behind.call("GET", "/accounts/1001", headers={"X-Forwarded-For": "203.0.113.9"})
+    assert "astbill-web: 203.0.113.9 GET /api/v1/accounts/1001 200 token:admin-1" in behind.stop()
 
 
 def test_a_database_failure_is_one_line_with_no_sql_and_is_logged(web):

@@ -41,7 +41,8 @@ class ActionError(Exception):
     one line per problem where a file has them (a rates file's rows).
     ``kind``: "invalid" (the request itself), "missing" (what it names is
     not there), "exists" (what it would make is there) or "reused" (an
-    idempotency key given for another request)."""
+    idempotency key given for another request); the web adds "large" (a
+    body too long to take)."""
 
     def __init__(self, message, lines=None, kind="invalid"):
         super().__init__(message)
@@ -140,6 +141,8 @@ def credit(settings, account, value, kind, actor, key):
     account's lock."""
     account = account_named(account)
     change = amount(value)
+    if key is not None and not actor:
+        raise ActionError("an idempotency key needs the actor it belongs to")
     if kind == "topup" and change <= 0:
         raise ActionError(f"top-up amount must be above 0: {value!r}")
     if kind == "adjust" and change == 0:
@@ -153,7 +156,7 @@ def credit(settings, account, value, kind, actor, key):
         if locked is None:
             raise ActionError(f"no account {account!r}", kind="missing")
         if key is not None:
-            seen = tx.idempotency(key)
+            seen = tx.idempotency(actor, key)
             if seen is not None:
                 if seen[0] != fingerprint:
                     raise ActionError(f"idempotency key {key!r} was used for another request",
@@ -163,17 +166,22 @@ def credit(settings, account, value, kind, actor, key):
         if kind == "adjust" and balance + change + limit - reserved < 0:
             raise ActionError(f"adjustment {change:f} would take account {account!r} below"
                               " its available credit")
+        try:
+            D(balance + change)   # a balance, too, is an amount that can be stored
+        except MoneyError:
+            raise ActionError(f"{change:f} would take account {account!r} beyond the largest"
+                              " balance") from None
         now = timestamp()
         tx.change_balance(account, change, kind, None, now, actor=actor)
         record = account_record(tx.accounts(account)[0], settings)
         if key is not None:
-            tx.remember(key, account, fingerprint, json.dumps(record), now)
+            tx.remember(actor, key, account, fingerprint, json.dumps(record), now)
         return record
     try:
         return write(settings, work)
     except Conflict:
-        # The key was taken meanwhile, by a request on another account: its
-        # row is there now, and decides.
+        # The key was taken meanwhile, by the same token's request on
+        # another account: its row is there now, and decides.
         return write(settings, work)
 
 

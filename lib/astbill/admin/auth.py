@@ -9,7 +9,7 @@ Roles, checked by the server for every request:
 
   admin    everything
   support  reads: accounts, calls, CDRs, rates, trunks, routes, the audit
-  shop     top-ups, and an account's balance: nothing else
+  shop     top-ups, and the balance of an account it names: nothing else
 """
 import functools
 import hashlib

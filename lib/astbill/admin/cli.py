@@ -54,9 +54,15 @@ def main(argv=None):
 
 
 def actor():
-    """Who a change made here is recorded as: the operator's login."""
+    """Who a change made here is recorded as: the user it runs as, and the
+    operator's own login when they run it as another (runuser -u asterisk)."""
     import pwd
-    return f"astbill-admin:{pwd.getpwuid(os.geteuid()).pw_name}"
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    try:
+        login = os.getlogin()   # the terminal's: what runuser and sudo leave alone
+    except OSError:             # no terminal (cron, a service)
+        login = user
+    return f"astbill-admin:{user}" if login == user else f"astbill-admin:{login} as {user}"
 
 
 # -- the command line ------------------------------------------------------------

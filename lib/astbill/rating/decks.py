@@ -159,14 +159,15 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
 
 
 def quote_cell(value):
-    """``value`` as a cell a spreadsheet shows as text."""
-    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+    """``value`` as a cell a spreadsheet shows as text (spaces or a newline
+    before a formula, which an import may trim, count as none)."""
+    if isinstance(value, str) and value.lstrip(" \n").startswith(FORMULA_STARTS):
         return "'" + value
     return value
 
 
 def unquote_cell(text):
     """A cell read back: without the quote that ``quote_cell`` put before it."""
-    if text.startswith("'") and text[1:].startswith(FORMULA_STARTS):
+    if text.startswith("'") and text[1:].lstrip(" \n").startswith(FORMULA_STARTS):
         return text[1:]
     return text

@@ -134,17 +134,19 @@ class Store:
     def _ping(self, conn):
         conn.cursor().execute("SELECT 1")
 
-    def atomic(self, work):
+    def atomic(self, work, waiting_since=None):
         """Run ``work(tx)`` in one transaction and commit it, once.
 
         Any failure rolls back and raises: Busy (retryable after a deadlock
         or a certification failure), Conflict, or StoreError.
+        ``waiting_since``: when the caller began to wait for its turn (the
+        account lock's wait counts from then).
         """
         committing = False
         try:
             conn = self.connection()
             cur = conn.cursor()
-            self.began = time.monotonic()
+            self.began = waiting_since or time.monotonic()
             cur.execute(self.begin_sql)
             result = work(Tx(self, cur))
             committing = True
@@ -316,14 +318,16 @@ class Tx:
     def lock_account(self, account):
         """(balance, reserved, credit limit, call cap, calls in progress) of
         the account, locked until the end of the transaction; None if there
-        is no such account."""
+        is no such account.  Without a cap (0) the calls are not counted: 0."""
         row = self.one("SELECT balance, reserved, credit_limit, max_calls FROM astaccount"
                        " WHERE account = ? {lock}", (account,))
         # SQLite takes its lock at BEGIN IMMEDIATE, MySQL here: count both.
         self.store.lock_waited = time.monotonic() - self.store.began
         if row is None:
             return None
-        calls = self.one("SELECT COUNT(*) FROM astcreditres WHERE account = ?", (account,))[0]
+        # Counted only against a cap: one statement less while the row is locked.
+        calls = self.one("SELECT COUNT(*) FROM astcreditres WHERE account = ?",
+                         (account,))[0] if row[3] else 0
         m = self.store.money_out
         return m(row[0]), m(row[1]), m(row[2]), row[3], calls
 
@@ -444,15 +448,16 @@ class Tx:
         m = self.store.money_out
         return [(r[0], r[1], m(r[2]), m(r[3]), m(r[4]), r[5], r[6]) for r in rows]
 
-    def idempotency(self, key):
-        """(fingerprint, result) of the request that used ``key``, or None."""
-        return self.one("SELECT fingerprint, result FROM astidempotency WHERE idem_key = ?",
-                        (key,))
+    def idempotency(self, actor, key):
+        """(fingerprint, result) of the request ``actor`` made with ``key``, or None."""
+        return self.one("SELECT fingerprint, result FROM astidempotency"
+                        " WHERE actor = ? AND idem_key = ?", (actor, key))
 
-    def remember(self, key, account, fingerprint, result, now):
-        """Keep ``key``'s request and its result: Conflict if it is taken."""
-        self.run("INSERT INTO astidempotency (idem_key, account, fingerprint, result, created)"
-                 " VALUES (?, ?, ?, ?, ?)", (key, account, fingerprint, result, now))
+    def remember(self, actor, key, account, fingerprint, result, now):
+        """Keep ``actor``'s request with ``key`` and its result: Conflict if it is taken."""
+        self.run("INSERT INTO astidempotency (actor, idem_key, account, fingerprint, result,"
+                 " created) VALUES (?, ?, ?, ?, ?, ?)",
+                 (actor, key, account, fingerprint, result, now))
 
     # Staff users (``astuser``) and API tokens (``asttoken``): {table}, one
     # of the two, and what is kept of the secret (a password's or a token's

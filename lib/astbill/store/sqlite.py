@@ -4,11 +4,19 @@ Writers serialize on the database (BEGIN IMMEDIATE), which is the account
 lock; WAL mode lets readers carry on meanwhile.  Money is stored as integer
 millionths so that sums stay exact.
 """
+import _thread
 import os
 import sqlite3
+import time
 
 from ..money import from_millionths, to_millionths
-from .base import Store, StoreError
+from .base import Busy, Store, StoreError
+
+# The writers of one process (astbill-fastagi's threads) take turns on a
+# lock of their own before they ask SQLite: SQLite's busy handler polls with
+# ever longer sleeps, so among a hundred threads one that has waited long
+# kept losing to newcomers until its lock wait ran out.
+_turns = {}     # database path -> the lock its writers in this process queue on
 
 # What every file problem below comes down to.
 FIX = "chown it to the user Asterisk runs as"
@@ -36,6 +44,32 @@ class SQLiteStore(Store):
     def where(self):
         return f"database {self.path}"
 
+    def atomic(self, work):
+        """A transaction, once this process's other writers are done; the
+        lock wait (lock_wait_secs) covers the queue and SQLite's lock."""
+        turn = _turns.setdefault(self.path, _thread.allocate_lock())
+        since, wait = time.monotonic(), self.settings["lock_wait_secs"]
+        if not turn.acquire(timeout=wait):
+            raise Busy("lock wait timed out: database is locked")
+        try:
+            self._busy_timeout(wait - (time.monotonic() - since))
+            return super().atomic(work, since)
+        finally:
+            turn.release()
+
+    def _busy_timeout(self, secs):
+        """How long SQLite may wait for another process's lock: what is left
+        of the lock wait (set only when that is 10 ms off what is set)."""
+        ms = max(1, int(secs * 1000))
+        conn = self.connection()
+        if abs(ms - self._busy_ms) < 10:
+            return
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {ms}")
+        except sqlite3.Error as exc:
+            raise self._error(exc, self._classify(exc)) from None
+        self._busy_ms = ms
+
     def _connect(self):
         try:
             os.stat(self.path)
@@ -54,6 +88,7 @@ class SQLiteStore(Store):
             raise sqlite3.OperationalError(f"cannot open it: {exc.strerror}") from None
         conn = sqlite3.connect(self.path, timeout=self.settings["lock_wait_secs"],
                                isolation_level=None)
+        self._busy_ms = self.settings["lock_wait_secs"] * 1000
         st = os.stat(self.path)
         self.file_id = (st.st_dev, st.st_ino)
         return conn

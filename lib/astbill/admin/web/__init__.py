@@ -17,7 +17,7 @@ from ... import __version__, config
 
 PROG = "astbill-web"
 # The HTTP status of each kind of ActionError, for the API and the pages.
-STATUS = {"invalid": 400, "missing": 404, "exists": 409, "reused": 422}
+STATUS = {"invalid": 400, "missing": 404, "exists": 409, "large": 413, "reused": 422}
 DEFAULT_LISTEN = "127.0.0.1:8080"
 THREADS = 8
 
@@ -33,16 +33,19 @@ def main(argv=None):
     import waitress
 
     from ...store import keep_sessions
-    from .api import create_app
+    from .api import MAX_BODY, create_app
     keep_sessions()   # a database session per worker thread, between requests
-    # Only a proxy named by --trusted-proxy is believed when it says the
-    # browser came over TLS (X-Forwarded-Proto: https): the session cookie is
-    # then sent Secure.  Anyone else's X-Forwarded-* headers are dropped.
-    proxy = {"trusted_proxy": args.trusted_proxy,
-             "trusted_proxy_headers": {"x-forwarded-proto"}} if args.trusted_proxy else {}
+    # Only a proxy named by --trusted-proxy is believed when it says who the
+    # client is (X-Forwarded-For, for the log) and that the browser came
+    # over TLS (X-Forwarded-Proto: https): the session cookie is then sent
+    # Secure.  Anyone else's X-Forwarded-* headers are dropped.  Waitress
+    # itself refuses a body longer than any request takes (413).
+    proxy = {"trusted_proxy": args.trusted_proxy, "trusted_proxy_count": 1,
+             "trusted_proxy_headers": {"x-forwarded-for", "x-forwarded-proto"}
+             } if args.trusted_proxy else {}
     server = waitress.create_server(create_app(args.config), host=host, port=port,
                                     threads=THREADS, ident=PROG, clear_untrusted_proxy_headers=True,
-                                    **proxy)
+                                    max_request_body_size=MAX_BODY + 4096, **proxy)
     shown = f"[{host}]" if ":" in host else host
     sys.stderr.write(f"{PROG}: listening on http://{shown}:{server.effective_port}\n")
     sys.stderr.flush()
@@ -75,6 +78,13 @@ def parser():
                         " believed (default: none is)")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return p
+
+
+def shown_path():
+    """The request's path, escaped: a newline in it (%0A) must not write a
+    line of its own into the log."""
+    from flask import request
+    return request.path.encode("unicode_escape").decode("ascii")
 
 
 def log(text):

@@ -16,11 +16,12 @@ from ... import __version__, config
 from ...store import StoreError, open_store
 from .. import actions, auth
 from ..actions import ActionError
-from . import STATUS, log, pages
+from . import STATUS, log, pages, shown_path
 
 BASE = "/api/v1"
 PAGE, MOST = 100, 1000
 MAX_BODY = 32 * 1024 * 1024   # a deck of a million prefixes is about 30 MB
+MAX_JSON = 64 * 1024          # any JSON request AstBill takes is far shorter
 
 
 class Route:
@@ -97,7 +98,7 @@ def rates_import(kind, name):
     if request.mimetype != "text/csv":
         raise ActionError("send the rates as text/csv")
     try:
-        text = request.get_data().decode("utf-8-sig")
+        text = request_data(MAX_BODY).decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ActionError("the rates are not UTF-8 text") from None
     return actions.import_rates(g.settings, g.store, kind, name, text=text, starts=arg("from"),
@@ -204,9 +205,9 @@ def body(required=(), optional=()):
     if request.mimetype != "application/json":
         raise ActionError("send a JSON object (Content-Type: application/json)")
     try:
-        data = json.loads(request.get_data().decode("utf-8"), parse_float=Decimal,
-                          parse_constant=not_a_number)
-    except (ValueError, UnicodeDecodeError):
+        data = json.loads(request_data(MAX_JSON).decode("utf-8"), parse_float=Decimal,
+                          parse_constant=not_a_number, object_pairs_hook=unique_fields)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ActionError("the body is not JSON") from None
     if not isinstance(data, dict):
         raise ActionError("the body must be a JSON object")
@@ -221,6 +222,23 @@ def body(required=(), optional=()):
 
 def not_a_number(text):
     raise ValueError(text)
+
+
+def unique_fields(pairs):
+    """A JSON object that names no field twice (which one would count?)."""
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        raise ValueError("a field twice")
+    return data
+
+
+def request_data(most):
+    """The request's body, refused (413) before it is read if it is longer
+    than ``most`` bytes (Flask's MAX_CONTENT_LENGTH guards forms only;
+    waitress gives the length of a chunked body too)."""
+    if request.content_length is not None and request.content_length > most:
+        raise ActionError(f"the body is longer than {most} bytes", kind="large")
+    return request.get_data()
 
 
 def idempotency_key():
@@ -258,7 +276,7 @@ def create_app(config_path=None):
 
     @app.after_request
     def access_log(reply):
-        log(f"{request.remote_addr} {request.method} {request.path} {reply.status_code}"
+        log(f"{request.remote_addr} {request.method} {shown_path()} {reply.status_code}"
             f" {g.get('actor') or '-'}")
         return reply
 
@@ -282,7 +300,7 @@ def create_app(config_path=None):
 
     @app.errorhandler(StoreError)
     def database(exc):
-        log(f"database error on {request.method} {request.path}: {exc}")
+        log(f"database error on {request.method} {shown_path()}: {exc}")
         return error(503, "the database is unavailable; try again")
 
     @app.errorhandler(config.ConfigError)
@@ -292,11 +310,13 @@ def create_app(config_path=None):
 
     @app.errorhandler(HTTPException)
     def http(exc):
-        return error(exc.code, (exc.name or "error").lower())
+        allowed = getattr(exc, "valid_methods", None)   # a 405 says what is allowed
+        return error(exc.code, (exc.name or "error").lower(),
+                     {"Allow": ", ".join(sorted(allowed))} if allowed else None)
 
     @app.errorhandler(Exception)
     def crash(exc):
-        log(f"{request.method} {request.path}:\n{traceback.format_exc()}")
+        log(f"{request.method} {shown_path()}:\n{traceback.format_exc()}")
         return error(500, "internal error (logged)")
     return app
 

@@ -30,7 +30,7 @@ from ... import config
 from ...store import StoreError, open_store
 from .. import actions, auth
 from ..actions import ActionError
-from . import STATUS, log
+from . import STATUS, log, shown_path
 
 bp = Blueprint("pages", __name__, template_folder="templates", static_folder="static",
                static_url_path="/static")
@@ -392,7 +392,7 @@ def refused(exc):
 
 @bp.errorhandler(StoreError)
 def database(exc):
-    log(f"database error on {request.method} {request.path}: {exc}")
+    log(f"database error on {request.method} {shown_path()}: {exc}")
     return page("error.html", 503, message="the database is unavailable; try again")
 
 
@@ -410,5 +410,5 @@ def http(exc):
 
 @bp.errorhandler(Exception)
 def crash(exc):
-    log(f"{request.method} {request.path}:\n{traceback.format_exc()}")
+    log(f"{request.method} {shown_path()}:\n{traceback.format_exc()}")
     return page("error.html", 500, message="internal error (logged)")

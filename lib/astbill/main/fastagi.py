@@ -1,0 +1,476 @@
+"""astbill-fastagi: the call flow of astbill.py as a FastAGI server.
+
+One thread per call in progress, kept with its storage session for the
+next call while it is idle; at most fastagi_max_calls at once, one more
+answered ASTBILL_STATUS=ERROR at once.  SIGTERM stops accepting and lets
+the calls in progress settle; SIGHUP reads the config again; SIGUSR1 logs
+the counts.
+"""
+import ipaddress
+import os
+import queue
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+
+from . import _stderr as log
+from . import agi_args, bill, parse_args
+from ..agi import AGIError, Channel
+from ..config import ConfigError, config_path, forget, load
+from ..ledger import CAUSES, ERROR, answer_window, settle_time_bound
+from ..money import fmt
+from ..store import forget_sessions, keep_sessions
+
+ENV_BUDGET = 65536      # bytes an AGI environment block may take
+WORKER_IDLE_SECS = 300  # an idle worker thread (and its storage session) ends then
+REFUSED_READ_SECS = 2   # how long a refused connection is read out before it is closed
+USAGE = "usage: astbill-fastagi [-c FILE] [--listen HOST:PORT]"
+
+
+def call_timeout(settings):
+    """How long a call's socket may stay silent: its longest ring and talk
+    time, and a minute more for Asterisk to get round to answering."""
+    return settings["max_call_secs"] + answer_window(settings, settings["lcr_max_trunks"]) + 60
+
+
+def drain_bound(settings):
+    """How long SIGTERM waits for the calls in progress: a call already in
+    its Dial may still ring, talk up to max_call_secs and then settle (a
+    settlement that cannot be made by then is spooled)."""
+    return (answer_window(settings, settings["lcr_max_trunks"]) + settings["max_call_secs"]
+            + settle_time_bound(settings))
+
+
+class _NetReader:
+    """A call's socket as the Channel reads it: a timeout or a reset is the
+    end of the connection (EOF); the environment block must come whole
+    within ``deadline`` and ENV_BUDGET bytes."""
+
+    def __init__(self, sock, idle_secs):
+        self._sock, self._file = sock, sock.makefile("rb")
+        self.idle_secs = idle_secs
+        self.deadline = time.monotonic() + idle_secs
+        self.budget = ENV_BUDGET
+
+    def readline(self, limit):
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise AGIError(f"no complete AGI environment within {self.idle_secs}s")
+            self._sock.settimeout(left)
+        try:
+            line = self._file.readline(limit)
+        except OSError:
+            if self.deadline is not None:
+                raise AGIError(f"no complete AGI environment within {self.idle_secs}s") from None
+            return b""
+        if self.budget is not None:
+            self.budget -= len(line)
+            if self.budget < 0:
+                raise AGIError(f"AGI environment longer than {ENV_BUDGET} bytes")
+        return line
+
+    def call_phase(self, timeout):
+        self.deadline = self.budget = None
+        self._sock.settimeout(timeout)
+
+
+class _NetWriter:
+    def __init__(self, sock):
+        self._sock = sock
+
+    def write(self, data):
+        try:
+            self._sock.sendall(data)
+        except OSError:
+            raise BrokenPipeError from None
+
+    def flush(self):
+        pass
+
+
+class _NetChannel(Channel):
+    """The Channel over a FastAGI connection; keeps the VERBOSE lines for
+    the server's own log."""
+
+    def __init__(self, reader, writer, notes, call_timeout):
+        super().__init__(reader, writer)
+        self.notes, self._call_timeout = notes, call_timeout
+
+    def read_env(self):
+        env = super().read_env()
+        self._r.call_phase(self._call_timeout)
+        return env
+
+    def verbose(self, message, level=1):
+        self.notes.append(message)
+        return super().verbose(message, level)
+
+
+def profile_arguments(server_config):
+    """The arguments of a FastAGI call: those of AGI(astbill.py,...), and
+    agi://HOST:PORT/astbill/NAME for the profile NAME.yaml beside the
+    server's config file."""
+    def arguments(env):
+        config, target = parse_args(agi_args(env))
+        script = env.get("agi_network_script")
+        if script not in (None, "astbill") and not script.startswith("astbill/"):
+            raise ConfigError(f"unknown FastAGI script {script[:40]!r}:"
+                              " use agi://HOST:PORT/astbill[/PROFILE]")
+        if script and script.startswith("astbill/"):
+            name = script[len("astbill/"):]
+            if not (name and name.isascii() and name.replace("_", "").replace("-", "").isalnum()):
+                raise ConfigError(f"FastAGI profile {name[:40]!r} is not a plain word")
+            profile = os.path.join(os.path.dirname(os.path.abspath(server_config)), name + ".yaml")
+            config = config or profile
+        return config or server_config, target
+    return arguments
+
+
+class _ServerConfig:
+    """The server's settings as its config file now says (the config memo
+    makes that a stat), the last good ones while the file is broken, and
+    fastagi_allow parsed once per change."""
+
+    def __init__(self, path, settings):
+        self.path, self.settings, self.good = path, settings, True
+        self.nets = self._nets(settings)
+
+    def current(self):
+        try:
+            now = load(self.path)
+        except ConfigError as exc:
+            self._broken(exc)
+            return self.settings
+        self.good = True
+        if now is not self.settings:
+            self.settings, self.nets = now, self._nets(now)
+        return now
+
+    def reload(self):
+        """SIGHUP: read the file again even where its stamp has not changed."""
+        forget()
+        try:
+            load(self.path)
+        except ConfigError as exc:
+            self.good = True    # say so even if the last look said it already
+            self._broken(exc)
+            return
+        log("astbill-fastagi: config reloaded")
+
+    def _broken(self, exc):
+        if self.good:   # once per breakage, not once per call
+            log(f"astbill-fastagi: {exc}; going on with the last good config")
+        self.good = False
+
+    @staticmethod
+    def _nets(settings):
+        return [ipaddress.ip_network(n) for n in settings["fastagi_allow"]]
+
+    def admission(self, host):
+        """(the peer's address, whether fastagi_allow lets it in)."""
+        address = ipaddress.ip_address(host.split("%")[0])
+        if address.version == 6 and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return address, any(address in net for net in self.nets
+                            if net.version == address.version)
+
+
+class _RefusedCloser(threading.Thread):
+    """Reads out and closes the connections refused over fastagi_max_calls:
+    closed unread, a socket could be reset before Asterisk has read its
+    ASTBILL_STATUS.  Each is closed at its EOF or after REFUSED_READ_SECS."""
+
+    def __init__(self):
+        super().__init__(name="refused-closer", daemon=True)
+        self._new = queue.SimpleQueue()
+        self._sel, self._since = selectors.DefaultSelector(), {}
+
+    def put(self, sock):
+        self._new.put(sock)
+
+    def run(self):
+        while True:
+            self._take_new()
+            for key, _ in self._sel.select(0.1):
+                self._read(key.fileobj)
+            self._close_overdue()
+
+    def _take_new(self):
+        """Register the sockets refused since; wait for one if none is open."""
+        while True:
+            try:
+                sock = self._new.get(timeout=0.1 if self._since else None)
+            except queue.Empty:
+                return
+            sock.setblocking(False)
+            self._sel.register(sock, selectors.EVENT_READ)
+            self._since[sock] = time.monotonic()
+            if self._new.empty():
+                return
+
+    def _read(self, sock):
+        try:
+            if sock.recv(65536):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self._since[sock] = 0   # EOF or reset: close it now
+
+    def _close_overdue(self):
+        now = time.monotonic()
+        for sock, since in list(self._since.items()):
+            if now - since > REFUSED_READ_SECS:
+                self._sel.unregister(sock)
+                sock.close()
+                del self._since[sock]
+
+
+class FastAGIServer:
+    """The listening socket, the worker threads and their counts.
+
+    ``calls`` counts connections being served (the bound); ``busy`` counts
+    workers not yet idle, which also covers a call's replay of the spool
+    after its connection is closed (the drain waits for that too).
+    """
+
+    def __init__(self, config, settings, lsock):
+        self.config = _ServerConfig(config, settings)
+        self.lsock = lsock
+        self.lock = threading.Lock()
+        self.calls = self.busy = self.served = self.refused = self.errors = 0
+        self.stopping = self.reload_asked = False
+        self.idle_workers = []      # the mailboxes of idle workers, each a SimpleQueue
+        self.closer = _RefusedCloser()
+
+    # -- running -----------------------------------------------------------
+
+    def run(self):
+        """Serve until SIGTERM, then drain: the exit status."""
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        signal.signal(signal.SIGUSR1, self.stats)
+        keep_sessions()
+        self.closer.start()
+        host, port = self.lsock.getsockname()[:2]
+        log(f"astbill-fastagi: listening on {shown(host, port)} (config {self.config.path})")
+        self._accept_loop()
+        self.lsock.close()
+        return self._drain()
+
+    def _on_term(self, *_):
+        if self.stopping:
+            self._abandon("second SIGTERM: exiting now")
+        self.stopping = True
+
+    def _on_hup(self, *_):
+        self.reload_asked = True    # done in the accept loop, not inside a signal handler
+
+    def stats(self, *_):
+        log(f"astbill-fastagi: calls in progress {self.calls}, served {self.served},"
+            f" refused {self.refused}, errors {self.errors}")
+
+    def _abandon(self, why):
+        """Exit at once, as a killed process does: each call in progress
+        keeps its reservation, and the sweep settles it by policy."""
+        log(f"astbill-fastagi: {why}, {self.calls} calls in progress left to the sweep")
+        sys.stderr.flush()
+        os._exit(1)
+
+    def _drain(self):
+        deadline = time.monotonic() + drain_bound(self.config.current())
+        log(f"astbill-fastagi: SIGTERM: not accepting; waiting for {self.calls} calls in"
+            " progress")
+        while self.busy and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self.busy:
+            self._abandon("drain deadline passed")
+        self.stats()
+        return 0
+
+    # -- accepting ---------------------------------------------------------
+
+    def _accept_loop(self):
+        sel = selectors.DefaultSelector()
+        sel.register(self.lsock, selectors.EVENT_READ)
+        while not self.stopping:
+            if self.reload_asked:
+                self.reload_asked = False
+                self.config.reload()
+            # Woken twice a second at most to see SIGTERM and SIGHUP.
+            if not sel.select(0.5):
+                continue
+            try:
+                conn, peer = self.lsock.accept()
+            except OSError:
+                continue
+            conn.setblocking(True)
+            self._admit(conn, peer)
+
+    def _admit(self, conn, peer):
+        settings = self.config.current()
+        address, allowed = self.config.admission(peer[0])
+        if not allowed:
+            conn.close()
+            log(f"astbill-fastagi: connection from {address} closed: not in fastagi_allow")
+            self._count("refused")
+            return
+        limit = settings["fastagi_max_calls"]
+        if self._take_slot(limit):
+            self._hand_over(conn)
+        else:
+            self._refuse_busy(conn, limit)
+
+    def _take_slot(self, limit):
+        """Count a new call, unless ``limit`` calls are in progress."""
+        with self.lock:
+            if self.calls >= limit:
+                self.refused += 1
+                return False
+            self.calls += 1
+            self.busy += 1
+            return True
+
+    def _hand_over(self, conn):
+        """To an idle worker (and its storage session), else to a new one."""
+        with self.lock:
+            mailbox = self.idle_workers.pop() if self.idle_workers else None
+        if mailbox is None:
+            threading.Thread(target=self._worker, args=(conn,), daemon=True).start()
+        else:
+            mailbox.put(conn)
+
+    def _refuse_busy(self, conn, limit):
+        """ASTBILL_STATUS=ERROR at once, never a queue: Asterisk must not wait."""
+        log(f"astbill: {ERROR} {limit} calls in progress already (fastagi_max_calls)")
+        try:
+            conn.setblocking(False)
+            # Asterisk runs each line in turn; no reply needs reading.
+            conn.send(b'SET VARIABLE ASTBILL_STATUS "ERROR"\n'
+                      b'SET VARIABLE ASTBILL_CAUSE "%d"\n' % CAUSES[ERROR])
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            conn.close()
+            return
+        self.closer.put(conn)
+
+    def _count(self, what):
+        with self.lock:
+            setattr(self, what, getattr(self, what) + 1)
+
+    # -- one worker, one call at a time --------------------------------------
+
+    def _worker(self, conn):
+        mailbox = queue.SimpleQueue()
+        while conn is not None:
+            try:
+                self._serve_call(conn)
+            except Exception as exc:  # never lose the thread's count
+                log(f"astbill-fastagi: internal error: {type(exc).__name__}: {exc}")
+            with self.lock:
+                self.busy -= 1
+                self.idle_workers.append(mailbox)
+            conn = self._next_call(mailbox)
+
+    def _next_call(self, mailbox):
+        """The next connection for this idle worker, or None after
+        WORKER_IDLE_SECS without one (its storage session is closed)."""
+        try:
+            return mailbox.get(timeout=WORKER_IDLE_SECS)
+        except queue.Empty:
+            pass
+        with self.lock:
+            retired = mailbox in self.idle_workers
+            if retired:
+                self.idle_workers.remove(mailbox)
+        if retired:
+            forget_sessions()
+            return None
+        return mailbox.get()    # handed a call just as the wait ended
+
+    def _serve_call(self, conn):
+        settings = self.config.current()
+        notes = []
+        channel = _NetChannel(_NetReader(conn, settings["fastagi_idle_secs"]), _NetWriter(conn),
+                              notes, call_timeout(settings))
+        try:
+            call_settings, settlement, problem = bill(
+                channel, profile_arguments(self.config.path), notes.append)
+        finally:
+            self._hang_up(conn)
+        # Counted before the line is written: counts read after it include the call.
+        self._count("errors" if problem else "served")
+        log("; ".join(notes or [self._outcome(channel, call_settings, settlement, problem)]))
+        if settlement is not None and settlement.cost is not None:
+            # The database took our call: retry what earlier calls spooled.
+            from ..recovery import replay_after_call
+            replay_after_call(call_settings)
+
+    def _hang_up(self, conn):
+        with self.lock:
+            self.calls -= 1
+        try:
+            conn.shutdown(socket.SHUT_WR)  # how Asterisk learns the AGI is done
+        except OSError:
+            pass
+        conn.close()
+
+    @staticmethod
+    def _outcome(channel, settings, settlement, problem):
+        """The call's log line when it wrote no VERBOSE line of its own."""
+        if settlement is None:
+            return f"astbill: {problem}"
+        cost = "-" if settlement.cost is None else fmt(settlement.cost, settings["decimals"])
+        return (f"astbill: {channel.env.get('agi_uniqueid', '')} {settlement.how}:"
+                f" {settlement.billsec}s, cost {cost}")
+
+
+def parse_command_line(argv):
+    """(config file, host, port) from astbill-fastagi's arguments, or None."""
+    config, listen = None, "127.0.0.1:4573"
+    args = list(argv)
+    while args:
+        opt = args.pop(0)
+        if opt in ("-c", "--config") and args:
+            config = args.pop(0)
+        elif opt == "--listen" and args:
+            listen = args.pop(0)
+        else:
+            return None
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        return None
+    return os.path.abspath(config_path(config)), host, int(port)
+
+
+def shown(host, port):
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def serve(argv):
+    """astbill-fastagi: exit status 0 after SIGTERM once the calls in
+    progress are settled, 1 when a second SIGTERM (or the drain's deadline)
+    leaves calls to the sweep, 2 on a bad start."""
+    parsed = parse_command_line(argv)
+    if parsed is None:
+        log(USAGE)
+        return 2
+    config, host, port = parsed
+    try:
+        settings = load(config)
+    except ConfigError as exc:
+        log(f"astbill-fastagi: {exc}")
+        return 2
+    try:
+        lsock = socket.create_server((host, port), backlog=128,
+                                     family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as exc:
+        log(f"astbill-fastagi: cannot listen on {shown(host, port)}: {exc.strerror or exc}")
+        return 2
+    return FastAGIServer(config, settings, lsock).run()
