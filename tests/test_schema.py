@@ -380,7 +380,8 @@ def release_7(request, tmp_path):
     store = billing.store()
     store.atomic(lambda tx: (tx.add_holder("astuser", "alice", "admin", "scrypt$x", "2026-01-02"
                                            " 03:04:05"),
-                             tx.remember("k-1", "1001", "f" * 64, "{}", "2026-01-02 03:04:05")))
+                             tx.remember("token:shop-1", "k-1", "1001", "f" * 64, "{}",
+                                         "2026-01-02 03:04:05")))
     store.close()
     return billing
 
