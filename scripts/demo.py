@@ -73,6 +73,7 @@ def main():
     show("2002 -> Germany, overlapping call 2, 5 min", second.wait())
     show("3003 -> Germany, balance 0.05", call("3003", "4912345678", Scenario(answered_ms=60_000)))
     show("1001 -> 7123456, no rate", call("1001", "7123456", Scenario(answered_ms=60_000)))
+    announced()
 
     carriers()
     fastagi()
@@ -83,6 +84,32 @@ def main():
     print(admin("cdr"))
     print(admin("audit"), end="")
     print(f"\nThe database is {RUN / 'astbill.db'}; try astbill-admin -c {CONFIG} cdr --csv")
+    console()
+
+
+def announced():
+    """What a caller hears with ASTBILL_ANNOUNCE=both: early media, never billed."""
+    result = call("1001", "4912345678", Scenario(answered_ms=61_000, sound_ms=1_500,
+                                                 variables={"ASTBILL_ANNOUNCE": "both"}))
+    show("1001 -> Germany, announced first (both)", result)
+    said = [c.split(" ", 2)[2].strip('"').split(",")[0] for c in result.commands
+            if c.startswith(("EXEC Playback", "EXEC SayNumber"))]
+    print(f"  {'':44} heard: {' '.join(said)}")
+
+
+def console():
+    """A staff login for the operator console, and how to start it."""
+    subprocess.run([sys.executable, str(ROOT / "astbill-admin"), "user", "add", "demo", "--role",
+                    "admin", "--password-stdin"], input="demo-password\n", env=ENV, text=True,
+                   check=True, capture_output=True)
+    print("\nThe operator console and the HTTP API, on this database (Debian's python3):\n"
+          f"  /usr/bin/python3 {ROOT / 'astbill-web'} -c {CONFIG} --listen 127.0.0.1:8080\n"
+          "  then open http://127.0.0.1:8080/ and log in as demo, password demo-password")
+    found = subprocess.run(["/usr/bin/python3", "-c", "import flask, waitress"],
+                           capture_output=True)
+    if found.returncode != 0:
+        print("  (it needs Debian's python3-flask and python3-waitress:"
+              " apt-get install python3-flask python3-waitress)")
 
 
 def carriers():
