@@ -35,7 +35,12 @@ CREATE TABLE astidempotency (
   PRIMARY KEY (actor, idem_key)
 ) {table};
 
--- Keys match exactly, as account names do (see step 6).
+-- Names and keys match exactly, as account names do (see step 6): on MySQL
+-- "ALICE" or "alice " would otherwise log in as alice.
+--@ mysql
+ALTER TABLE astuser MODIFY name VARCHAR(80) CHARACTER SET utf8mb4 COLLATE {exact} NOT NULL;
+--@ mysql
+ALTER TABLE asttoken MODIFY name VARCHAR(80) CHARACTER SET utf8mb4 COLLATE {exact} NOT NULL;
 --@ mysql
 ALTER TABLE astidempotency MODIFY actor VARCHAR(100) CHARACTER SET utf8mb4 COLLATE {exact} NOT NULL;
 --@ mysql

@@ -196,11 +196,21 @@ def test_a_session_cookie_is_httponly_lax_stored_hashed_and_ends_at_logout_or_ex
         0, "astbill_session", kept, None, False, "127.0.0.1", False, False, "/", True,
         False, None, False, None, None, {}))
     assert replay.get("/")[0] == 302
-    # A user removed is logged out at once.
+    # A user removed is logged out at once, and stays so when added again
+    # (the way to give a user a new password).
     bob = logged_in(console, "bob")
     assert bob.get("/accounts")[0] == 200
     console.billing.admin_ok("user", "remove", "bob")
     assert bob.get("/accounts")[0] == 302
+    with_stdin(console.billing, "a new password for bob", "user", "add", "bob", "--role",
+               "admin", "--password-stdin")
+    assert bob.get("/accounts")[0] == 302
+    # A customer's new portal password ends the sessions of the old one.
+    customer = logged_in(console, "1001", portal=True)
+    assert customer.get("/portal")[0] == 200
+    with_stdin(console.billing, "another portal password", "account", "password", "1001",
+               "--password-stdin")
+    assert customer.get("/portal")[0] == 302
 
 
 def test_the_cookie_is_secure_behind_a_trusted_tls_proxy_only(console):
@@ -237,6 +247,14 @@ def test_every_form_needs_its_csrf_token(console):
                                                       "password": PASSWORDS["alice"]})[0] == 403
     assert alice.post("/accounts/1001/topup", {"amount": "5"})[0] == 302
     assert console.billing.balance("1001") == Decimal(15)
+
+
+def test_a_name_logs_in_only_as_written(console):
+    # On MySQL a case- and space-blind name would let ALICE in as alice, and
+    # past alice's own throttle.
+    for name in ("ALICE", "Alice", "alice ", " alice"):
+        assert Client(console).login(name, PASSWORDS["alice"])[0] == 401, name
+    assert console.billing.query("SELECT COUNT(*) FROM astsession") == [(0,)]
 
 
 def test_logins_are_throttled_per_user_and_per_address(console):

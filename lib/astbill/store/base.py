@@ -476,6 +476,8 @@ class Tx:
     def remove_holder(self, table, name):
         if self.run(f"DELETE FROM {table} WHERE name = ?", (name,)).rowcount != 1:
             raise NotFound(f"no {table} {name!r}")
+        if table == "astuser":   # a user added again must not find old sessions alive
+            self.end_sessions("user", name)
 
     def user_secret(self, name):
         """(role, password hash) of a staff user, or None."""
@@ -491,9 +493,11 @@ class Tx:
                         (account,))
 
     def set_account_secret(self, account, secret_hash):
+        """A new portal password: the sessions opened with the old one end."""
         if self.run("UPDATE astaccount SET password_hash = ? WHERE account = ?",
                     (secret_hash, account)).rowcount != 1:
             raise NotFound(f"no account {account!r}")
+        self.end_sessions("account", account)
 
     # Browser sessions (``astsession``): a staff user's (kind "user") or a
     # customer's (kind "account"), found by the hash of their cookie.
@@ -510,6 +514,9 @@ class Tx:
             "SELECT s.kind, s.name, s.csrf, u.role FROM astsession s"
             " LEFT JOIN astuser u ON s.kind = 'user' AND u.name = s.name"
             " WHERE s.session_hash = ? AND s.expires > ?", (session_hash, now))
+
+    def end_sessions(self, kind, name):
+        self.run("DELETE FROM astsession WHERE kind = ? AND name = ?", (kind, name))
 
     def remove_session(self, session_hash):
         self.run("DELETE FROM astsession WHERE session_hash = ?", (session_hash,))

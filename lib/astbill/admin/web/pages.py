@@ -61,10 +61,10 @@ class Throttle:
         self.most, self.failures, self.lock = most, {}, threading.Lock()
 
     def refused(self, key):
+        # Reads only: a name asked about must not take memory of its own.
         with self.lock:
-            recent = [t for t in self.failures.get(key, ()) if t > time.monotonic() - self.WINDOW]
-            self.failures[key] = recent
-            return len(recent) >= self.most
+            since = time.monotonic() - self.WINDOW
+            return sum(t > since for t in self.failures.get(key, ())) >= self.most
 
     def failed(self, key):
         with self.lock:
@@ -72,7 +72,8 @@ class Throttle:
             if len(self.failures) > self.KEYS:   # names sprayed at random: forget the old
                 self.failures = {k: t for k, t in self.failures.items()
                                  if t and t[-1] > now - self.WINDOW}
-            self.failures.setdefault(key, []).append(now)
+            self.failures[key] = [t for t in self.failures.get(key, ())
+                                  if t > now - self.WINDOW] + [now]
 
 
 BY_NAME, BY_ADDRESS = Throttle(5), Throttle(20)
@@ -159,6 +160,8 @@ def login_page(template, kind, home):
     if request.method == "GET":
         return login_form(template)
     name, address = request.form.get("name", ""), request.remote_addr
+    if len(name) > 80:   # no user or account has such a name: not worth a throttle's key
+        return login_form(template, "wrong name or password", 401)
     if BY_NAME.refused((kind, name)) or BY_ADDRESS.refused(address):
         return login_form(template, "too many failed logins: try again in 15 minutes", 429)
     check = auth.login if kind == "user" else auth.account_login
@@ -354,7 +357,10 @@ def portal():
     shown = actions.show_account(g.settings, g.store, g.name)
     number, quote = request.args.get("number", "").strip(), None
     if number:
-        quote = actions.route(g.settings, g.store, number, g.name)
+        found = actions.route(g.settings, g.store, number, g.name)
+        # What the customer may know: the price and the time, never the
+        # trunks, their Dial strings or what they cost to buy.
+        quote = {key: found.get(key) for key in ("number", "status", "rate", "max_secs")}
     return page("portal.html", account=shown, number=number, quote=quote,
                 **account_details(g.name))
 
