@@ -77,9 +77,10 @@ class Web:
         return "".join(self.log)
 
 
-@pytest.fixture(params=["sqlite", "mysqlclient", "pymysql"])
-def web(request, tmp_path):
-    """astbill-web on SQLite, or on MariaDB through Debian's mysqlclient or PyMySQL."""
+def web_billing(request, tmp_path):
+    """(Debian's Python with Flask and waitress, a Billing on the backend
+    ``request.param`` names: sqlite, mysqlclient or pymysql) with the sample
+    rates and account 1001 holding 10.0000."""
     python = debian.require_python({**debian.PACKAGES, **debian.WEB_PACKAGES})
     database = fresh_database(request, tmp_path, request.param)
     settings = {} if request.param == "sqlite" else {"mysql_driver": request.param}
@@ -88,6 +89,13 @@ def web(request, tmp_path):
     billing.admin_ok("init-db")
     billing.setup_rates(RATES)
     billing.admin_ok("account", "add", "1001", "--balance", "10")
+    return python, billing
+
+
+@pytest.fixture(params=["sqlite", "mysqlclient", "pymysql"])
+def web(request, tmp_path):
+    """astbill-web on SQLite, or on MariaDB through Debian's mysqlclient or PyMySQL."""
+    python, billing = web_billing(request, tmp_path)
     server = Web(billing, python)
     yield server
     log = server.stop()

@@ -20,9 +20,9 @@ from decimal import Decimal
 import pytest
 
 import debian
-from conftest import RATES, Billing, fresh_database, start_held_call
+from conftest import start_held_call
 from test_admin import record_cdrs
-from test_web_api import Web
+from test_web_api import Web, web_billing
 
 from astbill.admin import actions
 from astbill.ledger import timestamp
@@ -56,14 +56,7 @@ def make_logins(billing):
 def console(request, tmp_path):
     """astbill-web on SQLite or MariaDB: accounts 1001 (10.0000) and 2002
     (5.0000), a trunk, staff users and portal passwords."""
-    python = debian.require_python({**debian.PACKAGES, **debian.WEB_PACKAGES})
-    database = fresh_database(request, tmp_path, request.param)
-    settings = {} if request.param == "sqlite" else {"mysql_driver": request.param}
-    billing = Billing(tmp_path, database, **settings)
-    billing.backend = "sqlite" if request.param == "sqlite" else "mariadb"
-    billing.admin_ok("init-db")
-    billing.setup_rates(RATES)
-    billing.admin_ok("account", "add", "1001", "--balance", "10")
+    python, billing = web_billing(request, tmp_path)
     billing.admin_ok("account", "add", "2002", "--balance", "5")
     billing.admin_ok("trunk", "add", "carrier-a", "--dial", "SIP/carrier-a/{number}")
     (tmp_path / "buy.csv").write_text(BUY)
