@@ -14,10 +14,8 @@ import argparse
 import sys
 
 from ... import __version__, config
+from .replies import PROG
 
-PROG = "astbill-web"
-# The HTTP status of each kind of ActionError, for the API and the pages.
-STATUS = {"invalid": 400, "missing": 404, "exists": 409, "large": 413, "reused": 422}
 DEFAULT_LISTEN = "127.0.0.1:8080"
 THREADS = 8
 
@@ -78,19 +76,6 @@ def parser():
                         " believed (default: none is)")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return p
-
-
-def shown_path():
-    """The request's path, escaped: a newline in it (%0A) must not write a
-    line of its own into the log."""
-    from flask import request
-    return request.path.encode("unicode_escape").decode("ascii")
-
-
-def log(text):
-    """A line of the service's log (stderr: the journal, under systemd)."""
-    sys.stderr.write(f"{PROG}: {text}\n")
-    sys.stderr.flush()
 
 
 def listen_address(text):

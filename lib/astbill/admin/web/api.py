@@ -16,7 +16,8 @@ from ... import __version__, config
 from ...store import StoreError, open_store
 from .. import actions, auth
 from ..actions import ActionError
-from . import STATUS, log, pages, shown_path
+from . import pages
+from .replies import STATUS, log, shown_path
 
 BASE = "/api/v1"
 PAGE, MOST = 100, 1000

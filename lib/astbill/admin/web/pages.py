@@ -30,7 +30,7 @@ from ... import config
 from ...store import StoreError, open_store
 from .. import actions, auth
 from ..actions import ActionError
-from . import STATUS, log, shown_path
+from .replies import STATUS, log, shown_path
 
 bp = Blueprint("pages", __name__, template_folder="templates", static_folder="static",
                static_url_path="/static")
