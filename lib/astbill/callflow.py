@@ -129,7 +129,8 @@ def dial(channel, call, settings, up_before):
     if outcome is None:
         return False
     # ANSWEREDTIME counts from the caller's answer: a caller answered before
-    # the Dial (IVR, PIN prompt, the announcement) must not pay for that time.
+    # the Dial (IVR, PIN prompt) must not pay for that time, nor for what
+    # it was told while it was up.
     dialstatus, up_ms, peer = outcome
     call.end(dialstatus, up_ms - before_ms, peer)
     return True
