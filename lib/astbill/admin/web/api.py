@@ -16,7 +16,7 @@ from ... import __version__, config
 from ...store import StoreError, open_store
 from .. import actions, auth
 from ..actions import ActionError
-from . import pages
+from .pages import bp as console_and_portal
 from .replies import STATUS, log, shown_path
 
 BASE = "/api/v1"
@@ -257,7 +257,7 @@ def create_app(config_path=None):
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.config["ASTBILL_CONFIG"] = config_path
     app.json.sort_keys = False
-    app.register_blueprint(pages.bp)   # the console and the portal: sessions, not tokens
+    app.register_blueprint(console_and_portal)   # sessions, not tokens
 
     @app.before_request
     def authenticate():
