@@ -301,11 +301,12 @@ def route(settings, store, number, account):
                         "connect_fee": fmt(r.rate.connect_fee, places)} for r in answer.routes]}
 
 
-def calls_in_progress(settings, store):
+def calls_in_progress(settings, store, account=None):
+    """The calls in progress, every account's or ``account``'s."""
     places = settings["decimals"]
     return [{"uniqueid": r[0], "account": r[1], "dst": r[2], "max_secs": r[3],
              "max_cost": fmt(r[4], places), "since": r[5], "channel": r[6]}
-            for r in store.read(lambda tx: tx.calls_in_progress())]
+            for r in store.read(lambda tx: tx.calls_in_progress(account))]
 
 
 def cdrs(settings, store, account=None, since=None, until=None, limit=None, after=None,

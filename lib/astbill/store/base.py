@@ -611,11 +611,13 @@ class Tx:
         if changed != 1:
             raise NotFound(f"no trunk {name!r}")
 
-    def calls_in_progress(self):
+    def calls_in_progress(self, account=None):
+        """Every call in progress, or ``account``'s."""
         rows = self.all(
             "SELECT r.uniqueid, r.account, c.dst, r.max_secs, r.max_cost, r.created, c.channel"
             " FROM astcreditres r LEFT JOIN astcdr c ON c.uniqueid = r.uniqueid"
-            " ORDER BY r.created, r.uniqueid")
+            + (" WHERE r.account = ?" if account is not None else "")
+            + " ORDER BY r.created, r.uniqueid", () if account is None else (account,))
         m = self.store.money_out
         return [(r[0], r[1], r[2], r[3], m(r[4]), str(r[5]), r[6]) for r in rows]
 

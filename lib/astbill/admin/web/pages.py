@@ -254,8 +254,7 @@ def account(account):
 
 def account_details(name):
     """What both the console's and the portal's page of an account show."""
-    return {"calls": [c for c in actions.calls_in_progress(g.settings, g.store)
-                      if c["account"] == name],
+    return {"calls": actions.calls_in_progress(g.settings, g.store, name),
             "history": actions.credit_history(g.settings, g.store, name),
             "cdrs": actions.recent_cdrs(g.settings, g.store, name)}
 
