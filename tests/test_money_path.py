@@ -150,11 +150,9 @@ class DeadlockingStore:
     def read(self, work):
         return work(self)
 
-    def account_prices(self, account, prefixes, at):
-        return "default", [("49", "Germany", 127, 0, 1440, Decimal("0.06"), Decimal(0), 60, 60)], 1
-
-    def trunk_prices(self, prefixes, at):
-        return {}
+    def call_prices(self, account, prefixes, at):
+        return ("default", [("49", "Germany", 127, 0, 1440, Decimal("0.06"), Decimal(0), 60, 60)],
+                1, {})
 
     def atomic(self, work):
         DeadlockingStore.tries += 1

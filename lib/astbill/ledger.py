@@ -343,14 +343,14 @@ def price(store, call, settings):
     defined; ``decide`` chooses among the trunks once the grant is known.
     This is done before the account is locked."""
     at, prefixes = timestamp(call.started), prefixes_of(call.number)
-    found = store.read(lambda tx: tx.account_prices(call.account, prefixes, at))
+    found = store.read(lambda tx: tx.call_prices(call.account, prefixes, at))
     if found is None:
         return Grant("refused", NOACCOUNT, reason=f"account {call.account}")
-    tariff, rows, deck = found
+    tariff, rows, deck, trunks = found
     if not rows:
         return Grant("refused", NORATE, reason=f"account {call.account} to {call.number}")
     sell = plan(rows, tariff, settings)
-    routes = find_routes(store, prefixes, call.started, settings)
+    routes = usable_trunks(trunks, call.started, settings)
     if routes == []:
         return Grant("refused", NOROUTE, reason=f"no trunk carries {call.number}")
     if routes is None:
@@ -413,11 +413,10 @@ def clock(timezone, _clocks={}):
     return _clocks[timezone]
 
 
-def find_routes(store, prefixes, now, settings):
-    """The enabled trunks with a rate for the number, each with its buy
-    Plan; None when no trunk is defined at all (the dial templates apply),
-    [] when none can carry the number."""
-    trunks = store.read(lambda tx: tx.trunk_prices(prefixes, timestamp(now)))
+def usable_trunks(trunks, now, settings):
+    """The enabled ``trunks`` (as Tx.trunk_prices gives them) with a rate
+    for the number, each with its buy Plan; None when no trunk is defined
+    at all (the dial templates apply), [] when none can carry the number."""
     if not trunks:
         return None
     usable = []
@@ -473,7 +472,7 @@ def real_charge(tx, call, terms, settings):
     (the sweep, from Asterisk's CDR) is priced at the dearest answer its
     reservation covered.  With its deck gone, the CDR's own rate prices it."""
     if terms["deck"] is not None:
-        rows = tx.deck_prices(terms["deck"], [terms["prefix"]])
+        rows = terms["prices"]
     else:
         rows = tx.tariff_prices(terms["tariff"], terms["prefix"], terms["start"])
     sell = plan(rows, terms["tariff"], settings) if rows else Plan(

@@ -270,6 +270,27 @@ class Tx:
             return None
         return row[0], self._prices([row[1]], prefixes).get(row[1], []), row[1]
 
+    def call_prices(self, account, prefixes, at):
+        """What pricing a call reads, in one statement (one snapshot): (tariff,
+        [price rows of the longest matching prefix], deck id, {trunk: (dial,
+        enabled, [its price rows], deck id)}) by the decks in force ``at``,
+        as account_prices and trunk_prices give them; None when the account
+        does not exist."""
+        owners = self.all(
+            f"SELECT 'tariff', a.tariff, NULL, NULL,"
+            f" {self.DECK_AT.format(kind='tariff', owner='a.tariff')}"
+            " FROM astaccount a WHERE a.account = ?"
+            f" UNION ALL SELECT 'trunk', t.name, t.dial, t.enabled,"
+            f" {self.DECK_AT.format(kind='trunk', owner='t.name')} FROM asttrunk t",
+            (at, account, at))
+        if not owners or owners[0][0] != "tariff":
+            return None
+        (_, tariff, _, _, deck), trunks = owners[0], owners[1:]
+        prices = self._prices([deck] + [t[4] for t in trunks], prefixes)
+        return tariff, prices.get(deck, []), deck, {
+            name: (dial, enabled == 1, prices.get(trunk_deck, []), trunk_deck)
+            for _, name, dial, enabled, trunk_deck in trunks}
+
     def trunk_prices(self, prefixes, at, trunk=None):
         """{trunk: (dial, enabled, [price rows of its longest matching
         prefix], deck id)} for every trunk (or the one named), each rated by
@@ -350,22 +371,27 @@ class Tx:
         self.run(f"INSERT INTO astcdr ({columns}) VALUES ({marks})", tuple(cdr.values()))
 
     def call_terms(self, uniqueid):
-        """What settling a call needs, from its own rows; None if unknown."""
-        row = self.one(
+        """What settling a call needs, from its own rows; None if unknown.
+        ``prices``: the price rows of its prefix in the deck it was
+        authorized with (as deck_prices gives them; none when that deck is
+        gone), read in the same statement."""
+        rows = self.all(
             "SELECT c.account, c.tariff, c.prefix, c.rate, c.connect_fee, c.min_secs,"
             " c.increment, c.max_secs, c.state, c.cost, c.billsec, r.max_cost, c.start, c.dst,"
-            " c.deck, c.trunk, c.trunk_deck"
+            f" c.deck, c.trunk, c.trunk_deck, {self.PRICE}"
             " FROM astcdr c LEFT JOIN astcreditres r ON r.uniqueid = c.uniqueid"
+            " LEFT JOIN astprice p ON p.deck = c.deck AND p.prefix = c.prefix"
             " WHERE c.uniqueid = ?", (uniqueid,))
-        if row is None:
+        if not rows:
             return None
-        m = self.store.money_out
+        row, m = rows[0], self.store.money_out
         return {"account": row[0], "tariff": row[1], "prefix": row[2], "rate": m(row[3]),
                 "connect_fee": m(row[4]), "min_secs": row[5], "increment": row[6],
                 "max_secs": row[7], "state": row[8],
                 "cost": None if row[9] is None else m(row[9]), "billsec": row[10],
                 "max_cost": None if row[11] is None else m(row[11]), "start": str(row[12]),
-                "number": row[13], "deck": row[14], "trunk": row[15], "trunk_deck": row[16]}
+                "number": row[13], "deck": row[14], "trunk": row[15], "trunk_deck": row[16],
+                "prices": self._longest([r[17:] for r in rows if r[17] is not None])}
 
     def final_charge(self, uniqueid):
         """(cost, billsec) of a settled call, read with a lock so that it is

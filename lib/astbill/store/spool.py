@@ -13,6 +13,7 @@ or blocking on a FIFO.  What a record means is the ledger's to say.
 import _thread
 import os
 import stat
+import time
 
 SUFFIX = ".call"
 LEGACY = ".settle"   # the first release's spool files, replayed the same way
@@ -36,6 +37,11 @@ def trusted(directory):
     """``directory`` if it exists and may be used as a spool, None if it
     does not exist; UnsafeSpool, naming the fix, if anyone but this user
     could change what it holds."""
+    return directory if _trusted_stat(directory) is not None else None
+
+
+def _trusted_stat(directory):
+    """The lstat of ``directory`` if it may be used as a spool (see trusted)."""
     try:
         st = os.lstat(directory)
     except FileNotFoundError:
@@ -52,19 +58,42 @@ def trusted(directory):
     if st.st_mode & 0o022:
         raise UnsafeSpool(f"spool {directory} is writable by others (mode"
                           f" {stat.S_IMODE(st.st_mode):o}): chmod 700 it")
-    return directory
+    return st
 
 
 def readable_dirs(settings):
-    """The spools that exist and are trusted: the only ones ever read."""
-    found = []
+    """{spool: the names in it} of the spools that exist and are trusted:
+    the only ones ever read."""
+    found = {}
     for directory in spool_dirs(settings):
         try:
-            if trusted(directory):
-                found.append(directory)
+            st = _trusted_stat(directory)
+            if st is not None:
+                found[directory] = _names(directory, st)
         except OSError:
             continue
     return found
+
+
+# A long-running process (astbill-fastagi) asks what the spool holds on
+# every call, and the spool is nearly always empty: its listing is kept
+# while the directory is unchanged.  A change within the filesystem's
+# timestamp tick of the last one could leave the directory's stamp as it
+# was, so a listing is kept only when it was taken well after that change.
+_listings = {}      # directory -> (its stamp, the names in it)
+SETTLED_SECS = 1.0  # far longer than any filesystem's timestamp tick
+
+
+def _names(directory, st):
+    """The names in ``directory`` (whose lstat is ``st``)."""
+    stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_nlink)
+    kept = _listings.get(directory)
+    if kept is not None and kept[0] == stamp:
+        return kept[1]
+    names = frozenset(os.listdir(directory))
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > SETTLED_SECS * 1e9:
+        _listings[directory] = (stamp, names)
+    return names
 
 
 def ensure_dir(path):
@@ -131,8 +160,8 @@ def is_record(path):
 def holds(settings, uniqueid):
     """Does a trusted spool hold a record of this call (of this release or
     the first, set aside or not)?"""
-    return any(is_record(os.path.join(directory, uniqueid + ending))
-               for directory in readable_dirs(settings) for ending in ENDINGS)
+    return any(uniqueid + ending in names and is_record(os.path.join(directory, uniqueid + ending))
+               for directory, names in readable_dirs(settings).items() for ending in ENDINGS)
 
 
 def records(settings):
@@ -145,12 +174,8 @@ def scan(settings):
     entries named like records that are not: FIFOs, links, directories,
     other users' files]) -- those are never opened."""
     found, strays = {}, []
-    for directory in readable_dirs(settings):
-        try:
-            names = sorted(os.listdir(directory))
-        except OSError:
-            continue
-        for name in names:
+    for directory, names in readable_dirs(settings).items():
+        for name in sorted(names):
             ending = next((e for e in ENDINGS if name.endswith(e)), None)
             if ending is None:
                 continue
