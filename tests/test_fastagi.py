@@ -232,6 +232,51 @@ def test_an_outage_at_settlement_is_spooled_then_replayed(tariff, server, reques
     invariants(tariff, D10)
 
 
+MARIADB_ONLY = pytest.mark.parametrize("billing", ["mariadb", "mariadb-pymysql"], indirect=True)
+
+
+def server_connections(mariadb, tariff):
+    """The ids of the connections open on ``tariff``'s database."""
+    name = tariff.settings["database"].rsplit("/", 1)[1]
+    return mariadb.execute("SELECT id FROM information_schema.processlist"
+                           f" WHERE db = '{name}'").split()
+
+
+def pings(mariadb):
+    status = mariadb.execute("SHOW GLOBAL STATUS LIKE 'Com_admin_commands'")
+    return int(status.split()[1])
+
+
+@MARIADB_ONLY
+def test_back_to_back_calls_send_no_ping(tariff, server, mariadb):
+    server.call(Scenario(answered_ms=1000))
+    before = pings(mariadb)
+    for _ in range(3):
+        assert server.call(Scenario(answered_ms=1000)).variables_set["ASTBILL_COST"] == "0.0600"
+    # Its kept connection answered a moment ago: no round trip to check it.
+    assert pings(mariadb) == before
+    time.sleep(1.2)
+    server.call(Scenario(answered_ms=1000))
+    assert pings(mariadb) > before     # after a second of silence it is checked again
+
+
+@MARIADB_ONLY
+def test_a_kept_connection_the_database_closed_is_replaced_within_the_call(
+        tariff, server, mariadb):
+    assert server.call(Scenario(answered_ms=1000)).variables_set["ASTBILL_COST"] == "0.0600"
+    killed = server_connections(mariadb, tariff)
+    assert killed
+    for connection in killed:
+        mariadb.execute(f"KILL CONNECTION {connection}")
+    # At once, so that it is handed out unpinged: its first statement fails,
+    # and the call runs again on a new connection.
+    result = server.call(Scenario(answered_ms=1000))
+    assert result.variables_set["ASTBILL_COST"] == "0.0600", result.dialogue_text()
+    assert tariff.balance("1001") == Decimal("9.88")
+    assert not set(killed) & set(server_connections(mariadb, tariff))
+    invariants(tariff, D10)
+
+
 def test_a_repeated_uniqueid_is_refused(tariff, server):
     first = server.call(Scenario(answered_ms=61_000))
     again = server.call(Scenario(answered_ms=61_000), agi_uniqueid=first.uniqueid)

@@ -234,7 +234,8 @@ def settle(settings, call):
 def attempt(settings, work, tries, settling=False):
     """``work(store)`` in a fresh storage session, tried up to ``tries`` times.
 
-    Run again: a deadlock or certification failure (at once, jittered);
+    Run again at once (jittered): a deadlock or certification failure, and
+    a kept connection found dead by its first statement (on a new one);
     when ``settling``, also an outage or a lock wait (after a pause).
     """
     for number in range(1, tries + 1):
@@ -244,7 +245,7 @@ def attempt(settings, work, tries, settling=False):
         except (Conflict, UnknownCall):
             raise
         except StoreError as exc:
-            retry = isinstance(exc, Busy) and exc.retryable
+            retry = isinstance(exc, Busy) and exc.retryable or exc.unchecked
             if number == tries or not (retry or settling):
                 raise
             pause = SETTLE_PAUSE_SECS * number if settling and not retry else 0.0

@@ -18,9 +18,13 @@ class StoreError(Exception):
     """The database failed or cannot be reached; the message is one line.
     ``code``: the server's error number, where it gives one (MySQL).
     ``in_doubt``: the connection failed while committing, so the
-    transaction may have committed all the same."""
+    transaction may have committed all the same.  ``unchecked``: it failed
+    on a kept connection handed out without a ping, before anything had
+    been done on it (see Store.usable): running it again on a new
+    connection is safe."""
     code = None
     in_doubt = False
+    unchecked = False
 
 
 class Busy(StoreError):
@@ -120,16 +124,31 @@ class Store:
             except self.driver_errors:
                 pass
 
+    # A kept connection that answered this recently is handed out without a
+    # ping: on a busy server that saves a round trip per transaction, and
+    # one that died meanwhile fails at its first statement, which
+    # ``unchecked`` lets the ledger run again at once on a new connection.
+    TRUSTED_SECS = 1.0
+    answered = float("-inf")    # when the connection last answered (monotonic)
+    unchecked = False           # handed out unpinged, and not used since
+
     def usable(self):
         """Whether a kept connection still works (checked before it is
         reused); a session without one is usable: it connects when asked."""
         if self._conn is None:
             return True
+        if time.monotonic() - self.answered < self.TRUSTED_SECS:
+            self.unchecked = True
+            return True
         try:
             self._ping(self._conn)
-            return True
         except self.driver_errors:
             return False
+        self.answered = time.monotonic()
+        return True
+
+    def _answered(self):
+        self.answered, self.unchecked = time.monotonic(), False
 
     def _ping(self, conn):
         conn.cursor().execute("SELECT 1")
@@ -151,14 +170,17 @@ class Store:
             result = work(Tx(self, cur))
             committing = True
             conn.commit()
+            self._answered()
             return result
         except self.driver_errors as exc:
             kind = self._classify(exc)
+            unchecked = self.unchecked
             self._rollback()
             error = self._error(exc, kind)
             # A lost reply to COMMIT: the server may have committed.  (A
             # deadlock or certification failure at commit is a rollback.)
             error.in_doubt = committing and type(error) is StoreError
+            error.unchecked = unchecked and type(error) is StoreError and not error.in_doubt
             raise error from None
         except BaseException:
             self._rollback()
@@ -168,11 +190,16 @@ class Store:
         """Run read-only ``work(tx)`` outside a locking transaction."""
         try:
             # Both backends run in autocommit mode outside atomic(): no commit.
-            return work(Tx(self, self.connection().cursor()))
+            result = work(Tx(self, self.connection().cursor()))
+            self._answered()
+            return result
         except self.driver_errors as exc:
             kind = self._classify(exc)
+            unchecked = self.unchecked
             self._rollback()
-            raise self._error(exc, kind) from None
+            error = self._error(exc, kind)
+            error.unchecked = unchecked and type(error) is StoreError
+            raise error from None
 
     CDR_PAGE = 500
 
