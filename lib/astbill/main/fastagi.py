@@ -27,6 +27,7 @@ from ..store import forget_sessions, keep_sessions
 ENV_BUDGET = 65536      # bytes an AGI environment block may take
 WORKER_IDLE_SECS = 300  # an idle worker thread (and its storage session) ends then
 REFUSED_READ_SECS = 2   # how long a refused connection is read out before it is closed
+ADMITTED_PEERS = 1024   # peers whose admission is remembered (Asterisk boxes are few)
 USAGE = "usage: astbill-fastagi [-c FILE] [--listen HOST:PORT]"
 
 
@@ -45,33 +46,49 @@ def drain_bound(settings):
 
 
 class _NetReader:
-    """A call's socket as the Channel reads it: a timeout or a reset is the
-    end of the connection (EOF); the environment block must come whole
-    within ``deadline`` and ENV_BUDGET bytes."""
+    """A call's socket as the Channel reads it, a line at a time from a
+    buffer of its own (one recv per reply, not a file object's layers): a
+    timeout or a reset is the end of the connection (EOF); the environment
+    block must come whole within ``deadline`` and ENV_BUDGET bytes."""
 
     def __init__(self, sock, idle_secs):
-        self._sock, self._file = sock, sock.makefile("rb")
+        self._sock, self._buf = sock, bytearray()
         self.idle_secs = idle_secs
         self.deadline = time.monotonic() + idle_secs
         self.budget = ENV_BUDGET
 
     def readline(self, limit):
+        buf = self._buf
+        while True:
+            end = buf.find(b"\n", 0, limit)
+            if end >= 0 or len(buf) >= limit:
+                size = end + 1 if end >= 0 else limit
+                break
+            chunk = self._recv()
+            if not chunk:
+                size = len(buf)
+                break
+            buf += chunk
+        line = bytes(buf[:size])
+        del buf[:size]
+        if self.budget is not None:
+            self.budget -= len(line)
+            if self.budget < 0:
+                raise AGIError(f"AGI environment longer than {ENV_BUDGET} bytes")
+        return line
+
+    def _recv(self):
         if self.deadline is not None:
             left = self.deadline - time.monotonic()
             if left <= 0:
                 raise AGIError(f"no complete AGI environment within {self.idle_secs}s")
             self._sock.settimeout(left)
         try:
-            line = self._file.readline(limit)
+            return self._sock.recv(65536)
         except OSError:
             if self.deadline is not None:
                 raise AGIError(f"no complete AGI environment within {self.idle_secs}s") from None
             return b""
-        if self.budget is not None:
-            self.budget -= len(line)
-            if self.budget < 0:
-                raise AGIError(f"AGI environment longer than {ENV_BUDGET} bytes")
-        return line
 
     def call_phase(self, timeout):
         self.deadline = self.budget = None
@@ -138,6 +155,7 @@ class _ServerConfig:
     def __init__(self, path, settings):
         self.path, self.settings, self.good = path, settings, True
         self.nets = self._nets(settings)
+        self._admitted = {}     # peer host -> admission(host); None -> the nets it is for
 
     def current(self):
         try:
@@ -171,12 +189,19 @@ class _ServerConfig:
         return [ipaddress.ip_network(n) for n in settings["fastagi_allow"]]
 
     def admission(self, host):
-        """(the peer's address, whether fastagi_allow lets it in)."""
-        address = ipaddress.ip_address(host.split("%")[0])
-        if address.version == 6 and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return address, any(address in net for net in self.nets
-                            if net.version == address.version)
+        """(the peer's address, whether fastagi_allow lets it in), worked
+        out once per peer while fastagi_allow stays as it is."""
+        nets, known = self.nets, self._admitted
+        if known.get(None) is not nets or len(known) > ADMITTED_PEERS:
+            known.clear()
+            known[None] = nets
+        if host not in known:
+            address = ipaddress.ip_address(host.split("%")[0])
+            if address.version == 6 and address.ipv4_mapped:
+                address = address.ipv4_mapped
+            known[host] = address, any(address in net for net in nets
+                                       if net.version == address.version)
+        return known[host]
 
 
 class _RefusedCloser(threading.Thread):

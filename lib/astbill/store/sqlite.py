@@ -18,6 +18,8 @@ from .base import Busy, Store, StoreError
 # kept losing to newcomers until its lock wait ran out.
 _turns = {}     # database path -> the lock its writers in this process queue on
 
+BUSY_STEP_MS = 250
+
 # What every file problem below comes down to.
 FIX = "chown it to the user Asterisk runs as"
 
@@ -59,10 +61,12 @@ class SQLiteStore(Store):
 
     def _busy_timeout(self, secs):
         """How long SQLite may wait for another process's lock: what is left
-        of the lock wait (set only when that is 10 ms off what is set)."""
-        ms = max(1, int(secs * 1000))
+        of the lock wait, rounded down to a BUSY_STEP_MS step, so that a wait
+        in the queue costs another statement in the lock only when it moved
+        the step."""
+        ms = max(1, int(secs * 1000) // BUSY_STEP_MS * BUSY_STEP_MS)
         conn = self.connection()
-        if abs(ms - self._busy_ms) < 10:
+        if ms == self._busy_ms:
             return
         try:
             conn.execute(f"PRAGMA busy_timeout = {ms}")
