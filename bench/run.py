@@ -104,6 +104,7 @@ def one_call(env, account, number):
 
 
 FASTAGI = str(ROOT / "astbill-fastagi")
+MARIADB_SOCKET = None   # the bench's MariaDB's Unix socket, once it is started
 
 
 def start_fastagi(config):
@@ -143,13 +144,14 @@ def fastagi_call(port, account, number):
     return (authorize if authorize is not None else time.perf_counter() - started), status
 
 
-def fastagi_clients(port, clients, calls, account="shared"):
-    """``calls`` calls from ``clients`` concurrent clients: (setups/s, refused)."""
+def fastagi_clients(port, clients, calls, accounts=("shared",)):
+    """``calls`` calls from ``clients`` concurrent clients, client i on
+    account ``accounts[i % len(accounts)]``: (setups/s, refused)."""
     refused = [0]
     counter = iter(range(calls))
     lock = threading.Lock()
 
-    def client():
+    def client(account):
         while True:
             with lock:
                 if next(counter, None) is None:
@@ -157,7 +159,8 @@ def fastagi_clients(port, clients, calls, account="shared"):
             if fastagi_call(port, account, "4912345678")[1] != "OK":
                 refused[0] += 1
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(accounts[i % len(accounts)],))
+               for i in range(clients)]
     started = time.perf_counter()
     for t in threads:
         t.start()
@@ -180,9 +183,14 @@ def fastagi_report(label, config, runs, volumes, floor_rss):
         times = sorted(fastagi_call(port, "shared", "4912345678")[0] for _ in range(runs))
         p99 = times[max(0, int(len(times) * 0.99) - 1)] * 1000
         rates = []
-        for clients in (1, 10, 100):
-            rate, refused = fastagi_clients(port, clients, max(clients * 3, runs))
-            rates.append(f"{clients}: {rate:.0f}/s" + (f" ({refused} refused)" if refused else ""))
+        # Long enough for a steady state: the server's worker threads are
+        # started by the first calls of a cell and kept for the next.
+        many = tuple(f"many{i}" for i in range(100))
+        for clients, accounts, name in ((1, ("shared",), "1"), (10, ("shared",), "10"),
+                                        (100, ("shared",), "100 on one account"),
+                                        (100, many, "100 on 100 accounts")):
+            rate, refused = fastagi_clients(port, clients, max(clients * 30, 1000), accounts)
+            rates.append(f"{name}: {rate:.0f}/s" + (f" ({refused} refused)" if refused else ""))
         done, sizes = 0, []
         for volume in volumes:
             fastagi_clients(port, 10, volume - done)
@@ -463,6 +471,8 @@ def main():
         from mariadb_server import MariaDBServer
         server = MariaDBServer(workdir / "mariadb")
         server.start()
+        global MARIADB_SOCKET
+        MARIADB_SOCKET = server.socket
         backends.append(("MariaDB", server.create_database("astbill_bench"),
                          server.create_database("astbill_routed"),
                          server.create_database("astbill_console")))
@@ -500,11 +510,16 @@ def fastagi_rows(workdir, backends, args):
     print("\nFastAGI (astbill-fastagi, one server; a call is connect -> EXEC Dial -> settled -> close;"
           f" floor RSS, the bare interpreter: {floor_rss / 1024:.1f} MB):")
     volumes = [int(v) for v in args.fastagi_calls.split(",")]
-    for label, *_ in backends:
+    for label, database, *_ in backends:
         fastagi_report(label, workdir / f"{label.lower()}.yaml", args.runs, volumes, floor_rss)
         if label == "MariaDB":
             fastagi_report("MariaDB (PyMySQL)", workdir / "pymysql.yaml", args.runs, volumes,
                            floor_rss)
+            # On one box the database is also reached over its Unix socket.
+            local = f"{database}?unix_socket={MARIADB_SOCKET}"
+            for driver, name in (("auto", "MariaDB socket"), ("pymysql", "(PyMySQL) socket")):
+                fastagi_report(name, write_config(workdir, local, f"socket-{driver}", driver),
+                               args.runs, volumes, floor_rss)
 
 
 def report(workdir, backends, args):

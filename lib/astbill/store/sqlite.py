@@ -18,8 +18,6 @@ from .base import Busy, Store, StoreError
 # kept losing to newcomers until its lock wait ran out.
 _turns = {}     # database path -> the lock its writers in this process queue on
 
-BUSY_STEP_MS = 250
-
 # What every file problem below comes down to.
 FIX = "chown it to the user Asterisk runs as"
 
@@ -61,12 +59,12 @@ class SQLiteStore(Store):
 
     def _busy_timeout(self, secs):
         """How long SQLite may wait for another process's lock: what is left
-        of the lock wait, rounded down to a BUSY_STEP_MS step, so that a wait
-        in the queue costs another statement in the lock only when it moved
-        the step."""
-        ms = max(1, int(secs * 1000) // BUSY_STEP_MS * BUSY_STEP_MS)
+        of the lock wait.  What is set already is kept while it is at most
+        10 ms more and at most a tenth less, so that the waits in the queue,
+        which vary from call to call, seldom cost a statement in the lock."""
+        ms = max(1, int(secs * 1000))
         conn = self.connection()
-        if ms == self._busy_ms:
+        if ms - ms // 10 <= self._busy_ms <= ms + 10:
             return
         try:
             conn.execute(f"PRAGMA busy_timeout = {ms}")
