@@ -437,14 +437,17 @@ class Tx:
         a call), and drop ``release`` (a settled call's reservation) from
         ``reserved``."""
         m = self.store.money_in(amount)
+        # The ledger row first: the account's row, locked by the update until
+        # the commit, which every call of the account waits for, is then held
+        # for one statement less.
+        if amount:
+            self.run("INSERT INTO astledger (account, amount, kind, uniqueid, created, actor)"
+                     " VALUES (?, ?, ?, ?, ?, ?)", (account, m, kind, uniqueid, now, actor))
         changed = self.run("UPDATE astaccount SET balance = balance + ?, reserved = reserved - ?"
                            " WHERE account = ?",
                            (m, self.store.money_in(release or D(0)), account)).rowcount
         if changed != 1:
             raise NotFound(f"no account {account}")
-        if amount:
-            self.run("INSERT INTO astledger (account, amount, kind, uniqueid, created, actor)"
-                     " VALUES (?, ?, ?, ?, ?, ?)", (account, m, kind, uniqueid, now, actor))
 
     def close_cdr(self, uniqueid, fields, again=False):
         """Complete an active CDR (``again``: rewrite one the sweep settled
