@@ -112,10 +112,13 @@ class CConnection:
     def execute(self, sql, params=None):
         if params:
             sql = sql % tuple(map(self._literal, params))
-        self._conn.query(sql.encode("utf-8"))
-        result = self._conn.store_result()
-        self._rows = result.fetch_row(0) if result is not None else ()
-        self.rowcount = self._conn.affected_rows()
+        conn = self._conn
+        conn.query(sql.encode("utf-8"))
+        # Only a statement with columns has rows to fetch; asking the others
+        # for theirs would let go of the GIL and wait to take it back, for
+        # nothing (a thread switch in a busy server).
+        self._rows = conn.store_result().fetch_row(0) if conn.field_count() else ()
+        self.rowcount = conn.affected_rows()
 
     def executemany(self, sql, rows, batch=500):
         """One multi-row INSERT per ``batch`` rows, as MySQLdb does."""
