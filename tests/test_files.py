@@ -12,6 +12,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,64 @@ def test_init_db_says_why_it_cannot_make_the_database(box, where):
     result = box.admin("init-db")
     assert (result.returncode, result.stderr) == (1, f"astbill-admin: {line}\n")
     assert not database.exists()
+
+
+class _CoarseStat:
+    """An lstat as a filesystem whose timestamps tick every ``tick`` ns (FAT: 2 s) gives it."""
+
+    def __init__(self, st, tick):
+        self._st, self._tick = st, tick
+
+    def __getattr__(self, name):
+        value = getattr(self._st, name)
+        if name in ("st_mtime_ns", "st_ctime_ns"):
+            return value - value % self._tick
+        return value
+
+
+def test_a_record_spooled_in_the_same_timestamp_tick_as_the_last_change_is_seen(
+        tmp_path, monkeypatch):
+    """A long-running server keeps a spool's listing while the directory's
+    stamp is unchanged; on a filesystem with 2 s timestamps a record
+    spooled in the tick of the last change leaves the stamp as it was, so
+    a listing taken soon after that change must not be kept."""
+    from astbill.store import spool
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir(mode=0o700)
+    settings = {"spool_dir": str(spool_dir), "spool_fallback_dir": None}
+    tick, real_lstat = 2_000_000_000, os.lstat
+    monkeypatch.setattr(spool.os, "lstat", lambda path, *a, **kw: _CoarseStat(
+        real_lstat(path, *a, **kw), tick))
+    for _ in range(5):
+        while time.time_ns() % tick > 100_000_000:     # just after a tick starts
+            time.sleep(0.01)
+        (spool_dir / "1700000000.9.call").write_text("{}")     # the last change
+        stamp = spool.os.lstat(spool_dir).st_mtime_ns
+        time.sleep(1.2)
+        assert not spool.holds(settings, "1700000000.1")
+        (spool_dir / "1700000000.1.call").write_text("{}")     # another process spools
+        if spool.os.lstat(spool_dir).st_mtime_ns == stamp:    # in the same tick, as meant
+            break
+        for record in spool_dir.iterdir():     # a busy machine missed the tick: again
+            record.unlink()
+    else:
+        pytest.fail("never two changes in one 2 s tick")
+    assert spool.holds(settings, "1700000000.1")
+    assert "1700000000.1" in spool.records(settings)
+
+
+def test_a_kept_spool_listing_is_read_again_when_the_directory_changes(tmp_path, monkeypatch):
+    from astbill.store import spool
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir(mode=0o700)
+    settings = {"spool_dir": str(spool_dir), "spool_fallback_dir": None}
+    monkeypatch.setattr(spool, "SETTLED_SECS", -1.0)   # every listing is kept
+    listed = []
+    real_listdir = os.listdir
+    monkeypatch.setattr(spool.os, "listdir", lambda path: listed.append(path) or real_listdir(path))
+    assert not spool.holds(settings, "1700000000.1")
+    assert not spool.holds(settings, "1700000000.1") and len(listed) == 1   # kept
+    (spool_dir / "1700000000.1.call").write_text("{}")
+    assert spool.holds(settings, "1700000000.1") and len(listed) == 2
+    os.unlink(spool_dir / "1700000000.1.call")
+    assert not spool.holds(settings, "1700000000.1") and spool.records(settings) == {}

@@ -162,6 +162,58 @@ class DeadlockingStore:
         pass
 
 
+class _Lost(Exception):
+    """What a driver raises when the server does not answer."""
+
+
+class _Unanswering:
+    """A connection whose every statement fails as a server's read timeout."""
+
+    def cursor(self):
+        return self
+
+    def execute(self, *_):
+        raise _Lost(2013, "Lost connection to server during query")
+
+    def rollback(self):
+        raise _Lost(2006, "server has gone away")
+
+    def close(self):
+        pass
+
+
+def test_a_kept_connection_failing_unpinged_is_run_again_once_not_at_every_try(monkeypatch):
+    """A kept session handed out without a ping that fails at its first
+    statement is run again at once on a new connection; when the new one
+    fails too, that is the outage, answered as one (not AUTHORIZE_TRIES
+    times at once)."""
+    from astbill.store.base import Store
+
+    class Kept(Store):
+        driver_errors = (_Lost,)
+        connects = 0
+
+        def _connect(self):
+            Kept.connects += 1
+            return _Unanswering()
+
+        def _classify(self, exc):
+            return None
+
+    store = Kept({})
+    store.kept, store._conn, store.answered = True, _Unanswering(), time.monotonic()
+    monkeypatch.setattr(ledger, "open_store", lambda settings: store if store.usable() else None)
+    tries = []
+
+    def work(s):
+        tries.append(s.unchecked)
+        return s.read(lambda tx: tx.one("SELECT 1"))
+    with pytest.raises(StoreError) as failed:
+        ledger.attempt({}, work, ledger.AUTHORIZE_TRIES)
+    assert tries == [True, False] and Kept.connects == 1
+    assert not failed.value.unchecked
+
+
 def test_deadlock_retries_that_run_out_are_busy_even_when_outages_are_allowed(tariff, monkeypatch):
     settings = dict(load(str(tariff.config)), on_db_error="allow")
     monkeypatch.setattr(ledger, "open_store", DeadlockingStore)

@@ -19,9 +19,9 @@ class StoreError(Exception):
     ``code``: the server's error number, where it gives one (MySQL).
     ``in_doubt``: the connection failed while committing, so the
     transaction may have committed all the same.  ``unchecked``: it failed
-    on a kept connection handed out without a ping, before anything had
-    been done on it (see Store.usable): running it again on a new
-    connection is safe."""
+    on a kept connection handed out without a ping, before any work on it
+    had succeeded, and not in doubt (see Store.usable): running it again
+    on a new connection is safe."""
     code = None
     in_doubt = False
     unchecked = False
@@ -117,7 +117,7 @@ class Store:
 
     def drop(self):
         """Close the connection whatever the session is."""
-        conn, self._conn = self._conn, None
+        conn, self._conn, self.unchecked = self._conn, None, False
         if conn is not None:
             try:
                 conn.close()
@@ -135,6 +135,7 @@ class Store:
     def usable(self):
         """Whether a kept connection still works (checked before it is
         reused); a session without one is usable: it connects when asked."""
+        self.unchecked = False
         if self._conn is None:
             return True
         if time.monotonic() - self.answered < self.TRUSTED_SECS:

@@ -65,11 +65,12 @@ def readable_dirs(settings):
     """{spool: the names in it} of the spools that exist and are trusted:
     the only ones ever read."""
     found = {}
+    looked = time.time_ns()     # before the directories are looked at: see _names
     for directory in spool_dirs(settings):
         try:
             st = _trusted_stat(directory)
             if st is not None:
-                found[directory] = _names(directory, st)
+                found[directory] = _names(directory, st, looked)
         except OSError:
             continue
     return found
@@ -77,21 +78,24 @@ def readable_dirs(settings):
 
 # A long-running process (astbill-fastagi) asks what the spool holds on
 # every call, and the spool is nearly always empty: its listing is kept
-# while the directory is unchanged.  A change within the filesystem's
-# timestamp tick of the last one could leave the directory's stamp as it
-# was, so a listing is kept only when it was taken well after that change.
+# while the directory's stamp is unchanged.  A change within the same
+# timestamp tick as the last one would leave the stamp as it was, so a
+# listing is kept only if the last change is older than any tick when the
+# clock was read, before the lstat and the listing: a change made after
+# them is then stamped later than the last one was.
 _listings = {}      # directory -> (its stamp, the names in it)
-SETTLED_SECS = 1.0  # far longer than any filesystem's timestamp tick
+SETTLED_SECS = 5.0  # longer than any local filesystem's timestamp tick (FAT's: 2 s)
 
 
-def _names(directory, st):
-    """The names in ``directory`` (whose lstat is ``st``)."""
+def _names(directory, st, looked):
+    """The names in ``directory``, whose lstat ``st`` was taken after the
+    clock read ``looked`` (ns since the epoch)."""
     stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_nlink)
     kept = _listings.get(directory)
     if kept is not None and kept[0] == stamp:
         return kept[1]
     names = frozenset(os.listdir(directory))
-    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > SETTLED_SECS * 1e9:
+    if looked - max(st.st_mtime_ns, st.st_ctime_ns) > SETTLED_SECS * 1e9:
         _listings[directory] = (stamp, names)
     return names
 
