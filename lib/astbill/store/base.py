@@ -311,10 +311,10 @@ class Tx:
             f" UNION ALL SELECT 'trunk', t.name, t.dial, t.enabled,"
             f" {self.DECK_AT.format(kind='trunk', owner='t.name')} FROM asttrunk t",
             (at, account, at))
-        account = [row for row in owners if row[0] == "tariff"]
-        if not account:
+        sold = [row for row in owners if row[0] == "tariff"]
+        if not sold:
             return None
-        (_, tariff, _, _, deck), trunks = account[0], [row for row in owners if row[0] == "trunk"]
+        (_, tariff, _, _, deck), trunks = sold[0], [row for row in owners if row[0] == "trunk"]
         prices = self._prices([deck] + [t[4] for t in trunks], prefixes)
         return tariff, prices.get(deck, []), deck, {
             name: (dial, enabled == 1, prices.get(trunk_deck, []), trunk_deck)
