@@ -202,6 +202,7 @@ def test_a_kept_connection_failing_unpinged_is_run_again_once_not_at_every_try(m
 
     store = Kept({})
     store.kept, store._conn, store.answered = True, _Unanswering(), time.monotonic()
+    store.unpinged_secs = 1.0     # as astbill-fastagi keeps its sessions
     monkeypatch.setattr(ledger, "open_store", lambda settings: store if store.usable() else None)
     tries = []
 

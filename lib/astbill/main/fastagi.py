@@ -28,6 +28,7 @@ ENV_BUDGET = 65536      # bytes an AGI environment block may take
 WORKER_IDLE_SECS = 300  # an idle worker thread (and its storage session) ends then
 REFUSED_READ_SECS = 2   # how long a refused connection is read out before it is closed
 ADMITTED_PEERS = 1024   # peers whose admission is remembered (Asterisk boxes are few)
+UNPINGED_SECS = 1.0     # a kept storage session that answered this recently is not pinged
 USAGE = "usage: astbill-fastagi [-c FILE] [--listen HOST:PORT]"
 
 
@@ -280,7 +281,9 @@ class FastAGIServer:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGHUP, self._on_hup)
         signal.signal(signal.SIGUSR1, self.stats)
-        keep_sessions()
+        # A call's storage work runs through ledger.attempt (the replay after
+        # it, if its first statement fails so, waits for the next call).
+        keep_sessions(UNPINGED_SECS)
         self.closer.start()
         host, port = self.lsock.getsockname()[:2]
         log(f"astbill-fastagi: listening on {shown(host, port)} (config {self.config.path})")

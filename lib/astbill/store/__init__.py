@@ -3,19 +3,24 @@
 A long-running process (the FastAGI server) may keep one storage session
 per thread between calls (``keep_sessions``): ``open_store`` then hands the
 thread its kept session when it is for the same database and still works
-(checked each time: a ping, or the SQLite file's identity), else a new one;
+(checked each time: a ping unless it answered a moment ago, or the SQLite
+file's identity), else a new one;
 ``close`` leaves it open.  No transaction is ever open between two uses.
 """
 from .base import Busy, Conflict, NotFound, StoreError
 
 _kept = None  # a threading.local once sessions are kept
+_unpinged_secs = 0.0
 
 
-def keep_sessions():
-    """Keep a storage session per thread between calls, from now on."""
-    global _kept
+def keep_sessions(unpinged_secs=0.0):
+    """Keep a storage session per thread between calls, from now on.  One
+    that answered within ``unpinged_secs`` is handed out without a ping:
+    only for work run through ledger.attempt, which runs it again on a new
+    connection when its first statement finds the kept one dead."""
+    global _kept, _unpinged_secs
     import threading
-    _kept = threading.local()
+    _kept, _unpinged_secs = threading.local(), unpinged_secs
 
 
 def forget_sessions():
@@ -59,7 +64,7 @@ def _kept_store(settings):
         store = None
     if store is None:
         store = _new_store(settings)
-        store.kept, store.session_key = True, key
+        store.kept, store.session_key, store.unpinged_secs = True, key, _unpinged_secs
         _kept.store = store
     store.settings, store.in_use = settings, True
     return store

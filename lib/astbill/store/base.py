@@ -124,11 +124,12 @@ class Store:
             except self.driver_errors:
                 pass
 
-    # A kept connection that answered this recently is handed out without a
-    # ping: on a busy server that saves a round trip per transaction, and
-    # one that died meanwhile fails at its first statement, which
-    # ``unchecked`` lets the ledger run again at once on a new connection.
-    TRUSTED_SECS = 1.0
+    # A kept connection that answered this recently (keep_sessions) is
+    # handed out without a ping: on a busy server that saves a round trip
+    # per transaction, and one that died meanwhile fails at its first
+    # statement, which ``unchecked`` lets the ledger run again at once on a
+    # new connection.
+    unpinged_secs = 0.0
     answered = float("-inf")    # when the connection last answered (monotonic)
     unchecked = False           # handed out unpinged, and not used since
 
@@ -138,7 +139,7 @@ class Store:
         self.unchecked = False
         if self._conn is None:
             return True
-        if time.monotonic() - self.answered < self.TRUSTED_SECS:
+        if time.monotonic() - self.answered < self.unpinged_secs:
             self.unchecked = True
             return True
         try:
