@@ -130,7 +130,7 @@ class Store:
     # statement, which ``unchecked`` lets the ledger run again at once on a
     # new connection.
     unpinged_secs = 0.0
-    answered = float("-inf")    # when the connection last answered (monotonic)
+    answered = None             # when the connection last answered (monotonic), if it has
     unchecked = False           # handed out unpinged, and not used since
 
     def usable(self):
@@ -139,14 +139,14 @@ class Store:
         self.unchecked = False
         if self._conn is None:
             return True
-        if time.monotonic() - self.answered < self.unpinged_secs:
+        if self.answered is not None and time.monotonic() - self.answered < self.unpinged_secs:
             self.unchecked = True
             return True
         try:
             self._ping(self._conn)
         except self.driver_errors:
             return False
-        self.answered = time.monotonic()
+        self._answered()
         return True
 
     def _answered(self):
