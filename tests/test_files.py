@@ -219,6 +219,31 @@ def test_a_record_spooled_in_the_same_timestamp_tick_as_the_last_change_is_seen(
     assert "1700000000.1" in spool.records(settings)
 
 
+def test_a_kept_spool_listing_is_read_again_after_a_while_whatever_the_stamp_says(
+        tmp_path, monkeypatch):
+    """A filesystem whose clock is behind this process's (a file server's)
+    makes a change seem settled when it is not: a record spooled in the
+    same tick then leaves the stamp unchanged.  It is seen within
+    KEPT_SECS all the same."""
+    from astbill.store import spool
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir(mode=0o700)
+    settings = {"spool_dir": str(spool_dir), "spool_fallback_dir": None}
+    real_lstat = os.lstat
+    frozen = real_lstat(spool_dir)
+    # Every change is stamped as the directory was made, 10 s ago by its clock.
+    monkeypatch.setattr(spool.os, "lstat", lambda path, *a, **kw: frozen if str(path) == str(
+        spool_dir) else real_lstat(path, *a, **kw))
+    monkeypatch.setattr(spool.time, "time_ns", lambda real=time.time_ns: real() + 10 * 10**9)
+    clock = [time.monotonic()]
+    monkeypatch.setattr(spool.time, "monotonic", lambda: clock[0])
+    assert not spool.holds(settings, "1700000000.1")
+    (spool_dir / "1700000000.1.call").write_text("{}")
+    assert not spool.holds(settings, "1700000000.1")    # the kept listing, stamp unchanged
+    clock[0] += spool.KEPT_SECS
+    assert spool.holds(settings, "1700000000.1")
+
+
 def test_a_kept_spool_listing_is_read_again_when_the_directory_changes(tmp_path, monkeypatch):
     from astbill.store import spool
     spool_dir = tmp_path / "spool"

@@ -19,9 +19,10 @@ class StoreError(Exception):
     ``code``: the server's error number, where it gives one (MySQL).
     ``in_doubt``: the connection failed while committing, so the
     transaction may have committed all the same.  ``unchecked``: it failed
-    on a kept connection handed out without a ping, before any work on it
-    had succeeded, and not in doubt (see Store.usable): running it again
-    on a new connection is safe."""
+    on a kept connection handed out without a ping, before anything on it
+    was committed or read to the end, and not in doubt (see Store.usable):
+    nothing of it took effect, so running it again on a new connection is
+    safe."""
     code = None
     in_doubt = False
     unchecked = False

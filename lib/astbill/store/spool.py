@@ -82,21 +82,25 @@ def readable_dirs(settings):
 # timestamp tick as the last one would leave the stamp as it was, so a
 # listing is kept only if the last change is older than any tick when the
 # clock was read, before the lstat and the listing: a change made after
-# them is then stamped later than the last one was.
-_listings = {}      # directory -> (its stamp, the names in it)
+# them is then stamped later than the last one was.  That takes the
+# filesystem's clock to be this process's; one that is not (a file server
+# whose clock is behind, a clock stepped back) is bounded by KEPT_SECS: a
+# listing is read again when it is that old, whatever the stamp says.
+_listings = {}      # directory -> (its stamp, the names in it, when listed: monotonic)
 SETTLED_SECS = 5.0  # longer than any local filesystem's timestamp tick (FAT's: 2 s)
+KEPT_SECS = 10.0
 
 
 def _names(directory, st, looked):
     """The names in ``directory``, whose lstat ``st`` was taken after the
     clock read ``looked`` (ns since the epoch)."""
     stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_nlink)
-    kept = _listings.get(directory)
-    if kept is not None and kept[0] == stamp:
+    kept, now = _listings.get(directory), time.monotonic()
+    if kept is not None and kept[0] == stamp and now - kept[2] < KEPT_SECS:
         return kept[1]
     names = frozenset(os.listdir(directory))
     if looked - max(st.st_mtime_ns, st.st_ctime_ns) > SETTLED_SECS * 1e9:
-        _listings[directory] = (stamp, names)
+        _listings[directory] = (stamp, names, now)
     return names
 
 
