@@ -107,11 +107,11 @@ FASTAGI = str(ROOT / "astbill-fastagi")
 MARIADB_SOCKET = None   # the bench's MariaDB's Unix socket, once it is started
 
 
-def start_fastagi(config):
-    """An astbill-fastagi process on a free loopback port: (process, port)."""
+def start_fastagi(config, processes=1):
+    """An astbill-fastagi server on a free loopback port: (process, port)."""
     import re
-    proc = subprocess.Popen([PY, FASTAGI, "-c", str(config), "--listen", "127.0.0.1:0"],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([PY, FASTAGI, "-c", str(config), "--listen", "127.0.0.1:0",
+                             "--processes", str(processes)], stderr=subprocess.PIPE, text=True)
     line = proc.stderr.readline()
     found = re.search(r"listening on [\d.]+:(\d+)", line)
     if not found:
@@ -177,8 +177,8 @@ def current_rss_kb(pid):
     return 0
 
 
-def fastagi_report(label, config, runs, volumes, floor_rss):
-    proc, port = start_fastagi(config)
+def fastagi_report(label, config, runs, volumes, floor_rss, processes=1):
+    proc, port = start_fastagi(config, processes)
     try:
         times = sorted(fastagi_call(port, "shared", "4912345678")[0] for _ in range(runs))
         p99 = times[max(0, int(len(times) * 0.99) - 1)] * 1000
@@ -509,8 +509,8 @@ def print_cell(name, label, samples, floor):
 
 def fastagi_rows(workdir, backends, args):
     floor_rss = floor_rss_kb()
-    print("\nFastAGI (astbill-fastagi, one server; a call is connect -> EXEC Dial -> settled -> close;"
-          f" floor RSS, the bare interpreter: {floor_rss / 1024:.1f} MB):")
+    print("\nFastAGI (astbill-fastagi, one server, x2: --processes 2; a call is connect -> EXEC Dial"
+          f" -> settled -> close; floor RSS, the bare interpreter: {floor_rss / 1024:.1f} MB):")
     volumes = [int(v) for v in args.fastagi_calls.split(",")]
     for label, database, *_ in backends:
         fastagi_report(label, workdir / f"{label.lower()}.yaml", args.runs, volumes, floor_rss)
@@ -523,6 +523,13 @@ def fastagi_rows(workdir, backends, args):
             for driver, name in (("auto", "MariaDB socket"), ("pymysql", "(PyMySQL) socket")):
                 fastagi_report(name, write_config(workdir, local, f"socket-{driver}", driver),
                                args.runs, [], floor_rss)
+            # One process per core (--processes): the interpreter lock is
+            # each one's own.  Speed only, as for the socket rows.
+            for driver, name in (("auto", "MariaDB"), ("pymysql", "(PyMySQL)")):
+                for url, where in ((database, "procs"), (local, "socket")):
+                    fastagi_report(f"{name} x2 {where}", write_config(
+                        workdir, url, f"x2-{driver}-{where}", driver),
+                        args.runs, [], floor_rss, processes=2)
 
 
 def report(workdir, backends, args):

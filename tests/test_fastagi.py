@@ -1,6 +1,8 @@
 """astbill-fastagi: the real server process on a free port, calls played
 over real TCP connections by the Asterisk 20 peer (agipeer's socket mode),
 on SQLite and on MariaDB through both drivers."""
+import contextlib
+import os
 import re
 import signal
 import socket
@@ -23,16 +25,20 @@ D10 = {"1001": Decimal("10")}
 class Server:
     """One astbill-fastagi process, its stderr collected line by line."""
 
-    def __init__(self, billing):
+    def __init__(self, billing, processes=1):
         self.billing = billing
         self.proc = subprocess.Popen([sys.executable, SERVER, "-c", str(billing.config),
-                                      "--listen", "127.0.0.1:0"], stderr=subprocess.PIPE,
-                                     text=True, env=billing.env)
+                                      "--listen", "127.0.0.1:0", "--processes", str(processes)],
+                                     stderr=subprocess.PIPE, text=True, env=billing.env)
         self.lines = []
         self.listening = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
         assert self.listening.wait(30), self.log()
         self.address = ("127.0.0.1", self.port)
+        deadline = time.monotonic() + 10    # the listening line is written before the forks
+        while processes > 1 and len(self.children()) < processes:
+            assert time.monotonic() < deadline, self.log()
+            time.sleep(0.05)
 
     def _read(self):
         for line in self.proc.stderr:
@@ -67,7 +73,22 @@ class Server:
         handle.uniqueid = block["agi_uniqueid"]
         return handle
 
+    def children(self):
+        """The pids of the processes the server forked (--processes)."""
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                        found.append(int(entry))
+            except (OSError, ValueError):
+                pass
+        return sorted(found)
+
     def stop(self):
+        for pid in self.children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
@@ -450,6 +471,175 @@ def test_a_hundred_simultaneous_calls_never_overspend(tariff, server):
 @pytest.mark.parametrize("billing", ["mariadb", "mariadb-pymysql"], indirect=True)
 def test_a_hundred_calls_through_two_servers_on_one_database_never_overspend(tariff, servers):
     a_hundred_calls_on_one_account(tariff, [servers(), servers()])
+
+
+@pytest.fixture
+def two_processes(tariff):
+    s = Server(tariff, processes=2)
+    yield s
+    s.stop()
+
+
+@MARIADB_ONLY
+def test_a_hundred_calls_through_two_processes_never_overspend(tariff, two_processes):
+    assert len(two_processes.children()) == 2
+    a_hundred_calls_on_one_account(tariff, [two_processes])
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--processes", "0"], "usage: astbill-fastagi"),
+    (["--processes", "65"], "(N from 1 to 64)"),
+    (["--processes", "two"], "usage: astbill-fastagi"),
+    (["--processes"], "usage: astbill-fastagi")])
+def test_a_bad_number_of_processes_is_refused_in_one_line(tariff, argv, words):
+    done = subprocess.run([sys.executable, SERVER, "-c", str(tariff.config), *argv],
+                          capture_output=True, text=True, env=tariff.env, timeout=30)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert len(done.stderr.splitlines()) == 1 and words in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("billing", ["sqlite"], indirect=True)
+def test_sqlite_is_served_by_one_process(tariff):
+    done = subprocess.run([sys.executable, SERVER, "-c", str(tariff.config), "--listen",
+                           "127.0.0.1:0", "--processes", "2"],
+                          capture_output=True, text=True, env=tariff.env, timeout=30)
+    assert (done.returncode, done.stderr) == (2, (
+        "astbill-fastagi: --processes 2 needs MySQL or MariaDB: on SQLite one process's"
+        " threads take turns for the file's lock\n"))
+
+
+@MARIADB_ONLY
+def test_the_bound_counts_the_calls_of_every_process(tariff):
+    tariff.write_config(fastagi_max_calls=2)
+    server = Server(tariff, processes=2)
+    try:
+        held = [held_in_its_dial(server, answered_ms=1000) for _ in range(2)]
+        # Whichever process takes them, a third call is one too many.
+        for _ in range(3):
+            over = server.call(Scenario())
+            assert over.variables_set == {"ASTBILL_STATUS": "ERROR", "ASTBILL_CAUSE": "38"}
+        server.proc.send_signal(signal.SIGUSR1)
+        assert server.wait_for("astbill-fastagi: calls in progress 2, served 0, refused 3,"
+                               " errors 0"), server.log()
+        for call, gate in held:
+            gate.set()
+            assert call.wait().variables_set["ASTBILL_COST"] == "0.0600"
+        assert server.call(Scenario(answered_ms=1000)).variables_set["ASTBILL_COST"] == "0.0600"
+        server.proc.send_signal(signal.SIGUSR1)
+        assert server.wait_for("calls in progress 0, served 3, refused 3, errors 0"), server.log()
+        invariants(tariff, D10)
+    finally:
+        server.stop()
+
+
+def held_in_each_process(server):
+    """A call held in its Dial in each of the server's processes: while the
+    others are stopped (SIGSTOP), one of them takes the connection."""
+    held, pids = [], server.children()
+    for serving in pids:
+        others = [pid for pid in pids if pid != serving]
+        for pid in others:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            held.append(held_in_its_dial(server))
+        finally:
+            for pid in others:
+                os.kill(pid, signal.SIGCONT)
+    return held
+
+
+@MARIADB_ONLY
+def test_sigterm_drains_the_calls_of_every_process(tariff, two_processes):
+    held = held_in_each_process(two_processes)
+    two_processes.proc.send_signal(signal.SIGTERM)
+    for n in (1, 2):
+        assert two_processes.wait_for(f"process {n} of 2: SIGTERM: not accepting; waiting for"
+                                      " 1 calls in progress"), two_processes.log()
+    with pytest.raises(OSError):
+        socket.create_connection(two_processes.address, timeout=2).close()
+    for call, gate in held:
+        gate.set()
+        result = call.wait()
+        assert result.variables_set["ASTBILL_COST"] == "0.1200", result.dialogue_text()
+    assert two_processes.proc.wait(30) == 0
+    assert two_processes.lines[-1] == (
+        f"astbill-fastagi: calls in progress 0, served {len(held)}, refused 0, errors 0")
+    assert tariff.balance("1001") == Decimal("10") - len(held) * Decimal("0.12")
+    invariants(tariff, D10)
+
+
+@MARIADB_ONLY
+def test_a_second_sigterm_leaves_the_calls_of_every_process_to_the_sweep(tariff, two_processes):
+    held = held_in_each_process(two_processes)
+    two_processes.proc.send_signal(signal.SIGTERM)
+    assert two_processes.wait_for("process 2 of 2: SIGTERM: not accepting")
+    assert two_processes.wait_for("process 1 of 2: SIGTERM: not accepting")
+    two_processes.proc.send_signal(signal.SIGTERM)
+    assert two_processes.proc.wait(10) == 1
+    left = sum(int(re.search(r"exiting now, (\d+) calls", line).group(1))
+               for line in two_processes.lines if "second SIGTERM: exiting now" in line)
+    assert left == len(held), two_processes.log()
+    for call, gate in held:
+        gate.set()
+        assert "ASTBILL_COST" not in call.wait().variables_set
+    assert len(tariff.reservations()) == len(held)
+    done = sweep_later(tariff)
+    assert sorted(d["uniqueid"] for d in done) == sorted(c.uniqueid for c, _ in held)
+    assert tariff.balance("1001") == Decimal("10")      # released: the default policy
+    invariants(tariff, D10)
+
+
+@MARIADB_ONLY
+def test_a_killed_process_is_replaced_and_its_call_left_to_the_sweep(tariff, two_processes):
+    first = two_processes.children()
+    call, gate = held_in_its_dial(two_processes)
+    for pid in first:
+        os.kill(pid, signal.SIGKILL)
+    assert two_processes.wait_for("process 1 of 2 was killed by SIGKILL; its calls in"
+                                  " progress are left to the sweep; starting it again")
+    assert two_processes.wait_for("process 2 of 2 was killed by SIGKILL")
+    gate.set()
+    assert "ASTBILL_COST" not in call.wait().variables_set
+    assert server_is_back(two_processes, first)
+    # The new processes serve; the old call waits for the sweep.
+    result = two_processes.call(Scenario(answered_ms=1000))
+    assert result.variables_set["ASTBILL_COST"] == "0.0600", result.dialogue_text()
+    assert tariff.reservations() == [(call.uniqueid,)]
+    assert [d["uniqueid"] for d in sweep_later(tariff)] == [call.uniqueid]
+    invariants(tariff, D10)
+
+
+def server_is_back(server, old, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = server.children()
+        if len(now) == 2 and not set(now) & set(old):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@MARIADB_ONLY
+def test_when_the_parent_is_killed_its_processes_settle_their_calls_and_end(
+        tariff, two_processes):
+    children = two_processes.children()
+    call, gate = held_in_its_dial(two_processes)
+    two_processes.proc.kill()
+    two_processes.proc.wait()
+    assert two_processes.wait_for("process 1 of 2: the parent process is gone")
+    assert two_processes.wait_for("process 2 of 2: the parent process is gone")
+    with pytest.raises(OSError):
+        socket.create_connection(two_processes.address, timeout=2).close()
+    gate.set()
+    result = call.wait()
+    result.uniqueid = call.uniqueid
+    billed(tariff, result, 61, "0.1200", "9.88")
+    deadline = time.monotonic() + 30
+    while any(os.path.exists(f"/proc/{pid}") for pid in children) and (
+            time.monotonic() < deadline):
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in children)
+    invariants(tariff, D10)
 
 
 @pytest.mark.parametrize("billing", ["sqlite"], indirect=True)   # one writer at a time there

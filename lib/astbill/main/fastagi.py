@@ -4,7 +4,8 @@ One thread per call in progress, kept with its storage session for the
 next call while it is idle; at most fastagi_max_calls at once, one more
 answered ASTBILL_STATUS=ERROR at once.  SIGTERM stops accepting and lets
 the calls in progress settle; SIGHUP reads the config again; SIGUSR1 logs
-the counts.
+the counts.  With --processes N, N such processes share the listening
+socket (``prefork``).
 """
 import ipaddress
 import os
@@ -22,14 +23,17 @@ from ..agi import AGIError, Channel
 from ..config import ConfigError, config_path, forget, load
 from ..ledger import CAUSES, ERROR, answer_window, settle_time_bound
 from ..money import fmt
-from ..store import forget_sessions, keep_sessions
+from ..store import forget_sessions, is_sqlite, keep_sessions
+from .prefork import CallCounts, supervise
 
 ENV_BUDGET = 65536      # bytes an AGI environment block may take
 WORKER_IDLE_SECS = 300  # an idle worker thread (and its storage session) ends then
 REFUSED_READ_SECS = 2   # how long a refused connection is read out before it is closed
 ADMITTED_PEERS = 1024   # peers whose admission is remembered (Asterisk boxes are few)
 UNPINGED_SECS = 1.0     # a kept storage session that answered this recently is not pinged
-USAGE = "usage: astbill-fastagi [-c FILE] [--listen HOST:PORT]"
+MAX_PROCESSES = 64
+USAGE = ("usage: astbill-fastagi [-c FILE] [--listen HOST:PORT] [--processes N]"
+         f" (N from 1 to {MAX_PROCESSES})")
 
 
 def call_timeout(settings):
@@ -153,8 +157,8 @@ class _ServerConfig:
     makes that a stat), the last good ones while the file is broken, and
     fastagi_allow parsed once per change."""
 
-    def __init__(self, path, settings):
-        self.path, self.settings, self.good = path, settings, True
+    def __init__(self, path, settings, name):
+        self.path, self.settings, self.good, self.name = path, settings, True, name
         self.nets = self._nets(settings)
         self._admitted = {}     # peer host -> admission(host); None -> the nets it is for
 
@@ -178,11 +182,11 @@ class _ServerConfig:
             self.good = True    # say so even if the last look said it already
             self._broken(exc)
             return
-        log("astbill-fastagi: config reloaded")
+        log(f"{self.name}: config reloaded")
 
     def _broken(self, exc):
         if self.good:   # once per breakage, not once per call
-            log(f"astbill-fastagi: {exc}; going on with the last good config")
+            log(f"{self.name}: {exc}; going on with the last good config")
         self.good = False
 
     @staticmethod
@@ -260,16 +264,21 @@ class _RefusedCloser(threading.Thread):
 class FastAGIServer:
     """The listening socket, the worker threads and their counts.
 
-    ``calls`` counts connections being served (the bound); ``busy`` counts
-    workers not yet idle, which also covers a call's replay of the spool
-    after its connection is closed (the drain waits for that too).
+    ``counts`` holds the calls being served (the bound), served, refused
+    and errors, of this process and of the others on the same socket;
+    ``busy`` counts this process's workers not yet idle, which also covers
+    a call's replay of the spool after its connection is closed (the drain
+    waits for that too).  ``parent``: the pid of the process that forked
+    this one, whose end stops this one as SIGTERM does.
     """
 
-    def __init__(self, config, settings, lsock):
-        self.config = _ServerConfig(config, settings)
+    def __init__(self, config, settings, lsock, counts, name="astbill-fastagi", parent=None):
+        self.name = name
+        self.config = _ServerConfig(config, settings, name)
         self.lsock = lsock
+        self.counts, self.parent = counts, parent
         self.lock = threading.Lock()
-        self.calls = self.busy = self.served = self.refused = self.errors = 0
+        self.busy = 0
         self.stopping = self.reload_asked = False
         self.idle_workers = []      # the mailboxes of idle workers, each a SimpleQueue
         self.closer = _RefusedCloser()
@@ -280,13 +289,15 @@ class FastAGIServer:
         """Serve until SIGTERM, then drain: the exit status."""
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGHUP, self._on_hup)
-        signal.signal(signal.SIGUSR1, self.stats)
+        signal.signal(signal.SIGUSR1, self.counts.log)
+        # A forked process starts with them blocked, so that none is lost
+        # before these handlers are in place.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGHUP,
+                                                    signal.SIGUSR1})
         # A call's storage work runs through ledger.attempt (the replay after
         # it, if its first statement fails so, waits for the next call).
         keep_sessions(UNPINGED_SECS)
         self.closer.start()
-        host, port = self.lsock.getsockname()[:2]
-        log(f"astbill-fastagi: listening on {shown(host, port)} (config {self.config.path})")
         self._accept_loop()
         self.lsock.close()
         return self._drain()
@@ -299,26 +310,25 @@ class FastAGIServer:
     def _on_hup(self, *_):
         self.reload_asked = True    # done in the accept loop, not inside a signal handler
 
-    def stats(self, *_):
-        log(f"astbill-fastagi: calls in progress {self.calls}, served {self.served},"
-            f" refused {self.refused}, errors {self.errors}")
 
     def _abandon(self, why):
         """Exit at once, as a killed process does: each call in progress
         keeps its reservation, and the sweep settles it by policy."""
-        log(f"astbill-fastagi: {why}, {self.calls} calls in progress left to the sweep")
+        log(f"{self.name}: {why}, {self.counts.mine('calls')} calls in progress left to the"
+            " sweep")
         sys.stderr.flush()
         os._exit(1)
 
     def _drain(self):
         deadline = time.monotonic() + drain_bound(self.config.current())
-        log(f"astbill-fastagi: SIGTERM: not accepting; waiting for {self.calls} calls in"
-            " progress")
+        log(f"{self.name}: SIGTERM: not accepting; waiting for {self.counts.mine('calls')} calls"
+            " in progress")
         while self.busy and time.monotonic() < deadline:
             time.sleep(0.1)
         if self.busy:
             self._abandon("drain deadline passed")
-        self.stats()
+        if self.parent is None:     # else the parent, once all are done
+            self.counts.log()
         return 0
 
     # -- accepting ---------------------------------------------------------
@@ -330,10 +340,13 @@ class FastAGIServer:
             if self.reload_asked:
                 self.reload_asked = False
                 self.config.reload()
+            if self.parent is not None and os.getppid() != self.parent:
+                log(f"{self.name}: the parent process is gone")
+                break
             # Woken twice a second at most to see SIGTERM and SIGHUP.
             if not sel.select(0.5):
                 continue
-            try:
+            try:    # the socket is shared: another process may have taken it
                 conn, peer = self.lsock.accept()
             except OSError:
                 continue
@@ -345,24 +358,16 @@ class FastAGIServer:
         address, allowed = self.config.admission(peer[0])
         if not allowed:
             conn.close()
-            log(f"astbill-fastagi: connection from {address} closed: not in fastagi_allow")
-            self._count("refused")
+            log(f"{self.name}: connection from {address} closed: not in fastagi_allow")
+            self.counts.add("refused")
             return
         limit = settings["fastagi_max_calls"]
-        if self._take_slot(limit):
+        if self.counts.take_call(limit):
+            with self.lock:
+                self.busy += 1
             self._hand_over(conn)
         else:
             self._refuse_busy(conn, limit)
-
-    def _take_slot(self, limit):
-        """Count a new call, unless ``limit`` calls are in progress."""
-        with self.lock:
-            if self.calls >= limit:
-                self.refused += 1
-                return False
-            self.calls += 1
-            self.busy += 1
-            return True
 
     def _hand_over(self, conn):
         """To an idle worker (and its storage session), else to a new one."""
@@ -387,10 +392,6 @@ class FastAGIServer:
             return
         self.closer.put(conn)
 
-    def _count(self, what):
-        with self.lock:
-            setattr(self, what, getattr(self, what) + 1)
-
     # -- one worker, one call at a time --------------------------------------
 
     def _worker(self, conn):
@@ -399,7 +400,7 @@ class FastAGIServer:
             try:
                 self._serve_call(conn)
             except Exception as exc:  # never lose the thread's count
-                log(f"astbill-fastagi: internal error: {type(exc).__name__}: {exc}")
+                log(f"{self.name}: internal error: {type(exc).__name__}: {exc}")
             with self.lock:
                 self.busy -= 1
                 self.idle_workers.append(mailbox)
@@ -432,7 +433,7 @@ class FastAGIServer:
         finally:
             self._hang_up(conn)
         # Counted before the line is written: counts read after it include the call.
-        self._count("errors" if problem else "served")
+        self.counts.add("errors" if problem else "served")
         log("; ".join(notes or [self._outcome(channel, call_settings, settlement, problem)]))
         if settlement is not None and settlement.cost is not None:
             # The database took our call: retry what earlier calls spooled.
@@ -440,8 +441,7 @@ class FastAGIServer:
             replay_after_call(call_settings)
 
     def _hang_up(self, conn):
-        with self.lock:
-            self.calls -= 1
+        self.counts.add("calls", -1)
         try:
             conn.shutdown(socket.SHUT_WR)  # how Asterisk learns the AGI is done
         except OSError:
@@ -459,8 +459,9 @@ class FastAGIServer:
 
 
 def parse_command_line(argv):
-    """(config file, host, port) from astbill-fastagi's arguments, or None."""
-    config, listen = None, "127.0.0.1:4573"
+    """(config file, host, port, processes) from astbill-fastagi's
+    arguments, or None."""
+    config, listen, processes = None, "127.0.0.1:4573", "1"
     args = list(argv)
     while args:
         opt = args.pop(0)
@@ -468,13 +469,17 @@ def parse_command_line(argv):
             config = args.pop(0)
         elif opt == "--listen" and args:
             listen = args.pop(0)
+        elif opt == "--processes" and args:
+            processes = args.pop(0)
         else:
             return None
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
-    if not host or not port.isdigit():
+    if not host or not port.isdigit() or not processes.isdigit():
         return None
-    return os.path.abspath(config_path(config)), host, int(port)
+    if not 1 <= int(processes) <= MAX_PROCESSES:
+        return None
+    return os.path.abspath(config_path(config)), host, int(port), int(processes)
 
 
 def shown(host, port):
@@ -489,11 +494,15 @@ def serve(argv):
     if parsed is None:
         log(USAGE)
         return 2
-    config, host, port = parsed
+    config, host, port, processes = parsed
     try:
         settings = load(config)
     except ConfigError as exc:
         log(f"astbill-fastagi: {exc}")
+        return 2
+    if processes > 1 and is_sqlite(settings):
+        log(f"astbill-fastagi: --processes {processes} needs MySQL or MariaDB: on SQLite one"
+            " process's threads take turns for the file's lock")
         return 2
     try:
         lsock = socket.create_server((host, port), backlog=128,
@@ -501,4 +510,17 @@ def serve(argv):
     except OSError as exc:
         log(f"astbill-fastagi: cannot listen on {shown(host, port)}: {exc.strerror or exc}")
         return 2
-    return FastAGIServer(config, settings, lsock).run()
+    lsock.setblocking(False)    # a process woken for a connection another took goes on
+    host, port = lsock.getsockname()[:2]
+    log(f"astbill-fastagi: listening on {shown(host, port)} (config {config}"
+        + (f", {processes} processes)" if processes > 1 else ")"))
+    counts = CallCounts(processes)
+    if processes == 1:
+        return FastAGIServer(config, settings, lsock, counts).run()
+    parent = os.getpid()
+
+    def serve_one(index):
+        counts.index = index
+        return FastAGIServer(config, settings, lsock, counts, parent=parent,
+                             name=f"astbill-fastagi process {index + 1} of {processes}").run()
+    return supervise(serve_one, processes, counts, lsock)

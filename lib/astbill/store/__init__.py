@@ -37,9 +37,14 @@ def open_store(settings):
     return _new_store(settings)
 
 
-def _new_store(settings):
+def is_sqlite(settings):
+    """Whether the database is an SQLite file (else MySQL or MariaDB)."""
     database = settings["database"]
-    if isinstance(database, str) and database.startswith("sqlite://"):
+    return isinstance(database, str) and database.startswith("sqlite://")
+
+
+def _new_store(settings):
+    if is_sqlite(settings):
         from .sqlite import SQLiteStore
         return SQLiteStore(settings)
     from .mysql import MySQLStore

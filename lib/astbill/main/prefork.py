@@ -1,0 +1,164 @@
+"""astbill-fastagi --processes N: N server processes on one listening socket.
+
+A Python process runs one thread at a time, and a busy server's threads
+spend about as much CPU handing that lock to each other as on the calls
+(on MariaDB, 2.7 ms per call with 100 clients, 1.4 ms with one).  N
+processes forked once the socket is bound take its connections in turn,
+whichever is free first.  Their counts live in memory they share, so
+fastagi_max_calls bounds all of them together.  The parent serves no call:
+it passes signals on, keeps the counts of those that ended, and forks a
+new process for one that died.
+"""
+import fcntl
+import mmap
+import os
+import signal
+import sys
+import threading
+import time
+
+from . import _stderr as log
+
+FIELDS = ("calls", "served", "refused", "errors")
+PASSED_ON = (signal.SIGTERM, signal.SIGHUP)     # SIGUSR1 the parent answers itself
+RESPAWN_PAUSE_SECS = 1  # a process that died this young is not forked again at once
+
+
+class CallCounts:
+    """Each server process's calls in progress, served, refused and errors,
+    in memory shared by all the processes, under a lock (threads) and a
+    record lock (processes) that the kernel lets go of if its holder dies.
+    ``index``: the process whose counts this one changes."""
+
+    def __init__(self, processes):
+        self.shared = processes > 1
+        self._fd = os.memfd_create("astbill-fastagi-counts")
+        os.ftruncate(self._fd, 8 * len(FIELDS) * processes)
+        self._table = memoryview(mmap.mmap(self._fd, 8 * len(FIELDS) * processes)).cast("q")
+        self._lock = threading.Lock()
+        self.index = 0
+
+    def _locked(self):
+        return _Locked(self._lock, self._fd if self.shared else None)
+
+    def take_call(self, limit):
+        """Count a new call, unless ``limit`` calls are in progress in all
+        processes together (then count a refusal)."""
+        calls = self._table[0::len(FIELDS)]
+        with self._locked():
+            if sum(calls) >= limit:
+                self._add("refused", 1)
+                return False
+            self._add("calls", 1)
+            return True
+
+    def add(self, field, n=1):
+        with self._locked():
+            self._add(field, n)
+
+    def _add(self, field, n):
+        self._table[self.index * len(FIELDS) + FIELDS.index(field)] += n
+
+    def mine(self, field):
+        return self._table[self.index * len(FIELDS) + FIELDS.index(field)]
+
+    def totals(self):
+        """{field: the sum over every process}."""
+        with self._locked():
+            return {f: sum(self._table[i::len(FIELDS)]) for i, f in enumerate(FIELDS)}
+
+    def log(self, *_):
+        """The SIGUSR1 line: the counts of every process on the socket."""
+        total = self.totals()
+        log(f"astbill-fastagi: calls in progress {total['calls']}, served {total['served']},"
+            f" refused {total['refused']}, errors {total['errors']}")
+
+    def forget_calls(self, index):
+        """A process that died has no calls in progress any more."""
+        with self._locked():
+            self._table[index * len(FIELDS)] = 0
+
+
+class _Locked:
+    def __init__(self, lock, fd):
+        self._lock, self._fd = lock, fd
+
+    def __enter__(self):
+        self._lock.acquire()
+        if self._fd is not None:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *_):
+        if self._fd is not None:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+        self._lock.release()
+
+
+def describe(status):
+    code = os.waitstatus_to_exitcode(status)
+    return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited {code}"
+
+
+def supervise(serve_one, processes, counts, lsock):
+    """Fork ``processes`` processes, each running ``serve_one(index)`` on
+    the listening socket ``lsock`` to its exit status, until SIGTERM has
+    stopped them all: 0 when every one drained, else 1.  SIGTERM and SIGHUP
+    are passed on; SIGUSR1 is answered here.  The parent must hold no
+    thread: a fork copies only the one that forks."""
+    children = {}           # pid -> (index, when it was forked)
+    terms = []
+
+    def pass_on(signum, _):
+        if signum == signal.SIGTERM:
+            terms.append(signum)
+            lsock.close()   # the processes close theirs: no connection is taken any more
+        for pid in list(children):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+    for signum in PASSED_ON:
+        signal.signal(signum, pass_on)
+    signal.signal(signal.SIGUSR1, counts.log)
+    for index in range(processes):
+        _fork(children, index, serve_one)
+    status = 0
+    while children:
+        pid, how = os.wait()
+        index, born = children.pop(pid)
+        counts.forget_calls(index)
+        if terms:
+            status = status or int(how != 0)
+            continue
+        log(f"astbill-fastagi: process {index + 1} of {processes} {describe(how)}; its calls"
+            " in progress are left to the sweep; starting it again")
+        if time.monotonic() - born < RESPAWN_PAUSE_SECS:
+            time.sleep(RESPAWN_PAUSE_SECS)
+        _fork(children, index, serve_one)
+    counts.log()
+    return status
+
+
+def _fork(children, index, serve_one):
+    """A process for ``index``, started with the passed-on signals blocked:
+    it unblocks them once its own handlers are in place, so none is lost."""
+    blocked = set(PASSED_ON) | {signal.SIGUSR1}
+    signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                for signum in blocked:
+                    signal.signal(signum, signal.SIG_DFL)
+                status = serve_one(index)
+            except BaseException as exc:
+                log(f"astbill-fastagi: process {index + 1}: {type(exc).__name__}: {exc}")
+            finally:
+                try:
+                    sys.stderr.flush()
+                finally:
+                    os._exit(status)
+        children[pid] = (index, time.monotonic())
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
