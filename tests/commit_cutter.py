@@ -1,7 +1,7 @@
 """A TCP proxy in front of MariaDB that loses the reply to one COMMIT.
 
-Once armed, it passes the next COMMIT to the server, lets the server
-commit, and then closes the client's connection before the reply reaches
+Once armed, it passes the next COMMIT (alone or ending a batch of
+statements) to the server, lets the server commit, and then closes the client's connection before the reply reaches
 it: the client cannot know whether its transaction committed.  Every other
 byte goes through untouched.
 """
@@ -52,8 +52,9 @@ class CommitCutter:
                     size = 4 + int.from_bytes(pending[:3], "little")
                     packet, pending = pending[:size], pending[size:]
                     payload = packet[4:]
+                    # A COMMIT alone, or the last of a batch of statements.
                     if (self.armed.is_set() and payload[:1] == COM_QUERY
-                            and payload[1:].strip().upper() == b"COMMIT"):
+                            and payload[1:].strip().upper().rpartition(b";")[2] == b"COMMIT"):
                         self.armed.clear()
                         dropping.set()
                     server.sendall(packet)

@@ -282,6 +282,28 @@ def test_back_to_back_calls_send_no_ping(tariff, server, mariadb):
 
 
 @MARIADB_ONLY
+def test_a_call_takes_eight_round_trips_to_the_database(tariff, server, mariadb):
+    """Statements whose results are not read wait for the next one or the
+    COMMIT: 15 statements in 8 round trips (2 to price, 2 to authorize --
+    START TRANSACTION with the row lock, the writes with the COMMIT -- and
+    4 to settle)."""
+    server.call(Scenario(answered_ms=1000))     # the server's session is open and kept
+    ids = ",".join(server_connections(mariadb, tariff))
+    mariadb.execute("SET GLOBAL log_output = 'TABLE'; TRUNCATE mysql.general_log;"
+                    " SET GLOBAL general_log = 1")
+    try:
+        assert server.call(Scenario(answered_ms=1000)).variables_set["ASTBILL_COST"] == "0.0600"
+    finally:
+        mariadb.execute("SET GLOBAL general_log = 0")
+    trips, statements = mariadb.execute(
+        "SELECT COUNT(*), SUM(1 + LENGTH(argument) - LENGTH(REPLACE(argument, ';', '')))"
+        f" FROM mysql.general_log WHERE command_type = 'Query' AND thread_id IN ({ids})").split()
+    assert (int(trips), int(statements)) == (8, 15)
+    assert tariff.balance("1001") == Decimal("9.88")
+    invariants(tariff, D10)
+
+
+@MARIADB_ONLY
 def test_a_kept_connection_the_database_closed_is_replaced_within_the_call(
         tariff, server, mariadb):
     assert server.call(Scenario(answered_ms=1000)).variables_set["ASTBILL_COST"] == "0.0600"

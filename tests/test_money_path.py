@@ -215,6 +215,53 @@ def test_a_kept_connection_failing_unpinged_is_run_again_once_not_at_every_try(m
     assert not failed.value.unchecked
 
 
+def test_a_batch_that_fails_midway_commits_nothing(tariff):
+    """A statement whose result is not read goes with the next one or the
+    COMMIT (on MySQL); it fails as it would alone: a duplicate reservation
+    is a Conflict, the COMMIT after it in the batch never runs, and the
+    transaction's writes before it are rolled back."""
+    from astbill.store import Conflict
+    store = tariff.store()
+    try:
+        store.atomic(lambda tx: tx.add_reservation("dup.1", "1001", Decimal("1"), 60))
+        ledger_rows = tariff.query("SELECT COUNT(*) FROM astledger")
+        reserved = tariff.query("SELECT reserved FROM astaccount WHERE account = '1001'")
+
+        def work(tx):
+            tx.change_balance("1001", Decimal("-2"), "adjust", None, "2026-12-04 00:00:00")
+            tx.add_reservation("dup.1", "1001", Decimal("3"), 60)
+        with pytest.raises(Conflict):
+            store.atomic(work)
+    finally:
+        store.close()
+    assert tariff.balance("1001") == Decimal("10")
+    assert tariff.query("SELECT reserved FROM astaccount WHERE account = '1001'") == reserved
+    assert tariff.query("SELECT COUNT(*) FROM astledger") == ledger_rows
+
+
+def test_a_batch_that_waits_out_a_lock_commits_nothing(tariff):
+    """The writes that go with the COMMIT wait for a locked row as alone:
+    past lock_wait_secs that is Busy, and the ledger row before the locked
+    update in the same batch is rolled back."""
+    tariff.admin_ok("account", "add", "other", "--balance", "5")
+    tariff.write_config(lock_wait_secs=1)
+    ledger_rows = tariff.query("SELECT COUNT(*) FROM astledger")
+    lock = AccountLock(tariff)
+    store = tariff.store()
+    try:
+        def work(tx):
+            tx.change_balance("other", Decimal("1"), "adjust", None, "2026-12-04 00:00:00")
+            tx.add_reservation("locked.1", "1001", Decimal("3"), 60)
+        with pytest.raises(Busy):
+            store.atomic(work)
+    finally:
+        store.close()
+        lock.release()
+    assert tariff.balance("other") == Decimal("5")
+    assert tariff.query("SELECT COUNT(*) FROM astledger") == ledger_rows
+    assert tariff.reservations() == []
+
+
 def test_deadlock_retries_that_run_out_are_busy_even_when_outages_are_allowed(tariff, monkeypatch):
     settings = dict(load(str(tariff.config)), on_db_error="allow")
     monkeypatch.setattr(ledger, "open_store", DeadlockingStore)

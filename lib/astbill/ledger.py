@@ -624,8 +624,8 @@ def charge_for(sell, call, max_secs, settings):
 def complete(tx, call, account, billsec, cost, state, kind, release=None, buy_cost=None,
              correcting=False):
     """Charge the account (with its ledger row), release the call's
-    reservation from it, and complete the CDR; whether the CDR was still
-    open to it (active, or when ``correcting``, settled by policy).
+    reservation from it, and complete the CDR; when ``correcting``, whether
+    the CDR was still settled by policy (an active one is known to be so).
 
     The billed talk time is Asterisk's own count; the box's wall clock,
     which gives start and end, can step back during a call (or, under a

@@ -54,6 +54,10 @@ class Store:
     now_sql = ""
     # Column types and table options of the schema, written once in sql/.
     dialect = {}
+    # Whether statements nobody reads the result of (Tx.later) wait to go
+    # to the server with the next one, in one round trip: worth it over a
+    # network, not to a file in this process.
+    batches = False
 
     def __init__(self, settings):
         self.settings = settings
@@ -167,12 +171,12 @@ class Store:
         committing = False
         try:
             conn = self.connection()
-            cur = conn.cursor()
+            tx = Tx(self, conn.cursor())
             self.began = waiting_since or time.monotonic()
-            cur.execute(self.begin_sql)
-            result = work(Tx(self, cur))
+            tx.later(self.begin_sql)
+            result = work(tx)
             committing = True
-            conn.commit()
+            tx.commit(conn)
             self._answered()
             return result
         except self.driver_errors as exc:
@@ -266,13 +270,43 @@ class Tx:
     def __init__(self, store, cur):
         self.store = store
         self.cur = cur
+        self._waiting = []      # statements for the next round trip (Store.batches)
 
     def run(self, sql, params=()):
-        if params:
+        if self._waiting:
+            self.later(sql, params)
+            self._send_waiting()
+        elif params:
             self.cur.execute(self.store.sql(sql), params)
         else:  # no parameters: no %-formatting by the MySQL drivers either
             self.cur.execute(self.store.sql(sql))
         return self.cur
+
+    def later(self, sql, params=()):
+        """Run a statement whose result is not read: where the store
+        batches, it goes with the next statement or the commit, and a
+        failure of it is raised there (and rolls the transaction back, as it
+        would have here: a batch stops at its first failure)."""
+        if not self.store.batches:
+            self.run(sql, params)
+            return
+        sql = self.store.sql(sql)
+        self._waiting.append(self.cur.mogrify(sql, params) if params else sql)
+
+    def commit(self, conn):
+        if self._waiting:
+            self._waiting.append("COMMIT")
+            self._send_waiting()
+        else:
+            conn.commit()
+
+    def _send_waiting(self):
+        """The waiting statements in one round trip; the cursor then holds
+        the last one's result."""
+        batch, self._waiting = ";".join(self._waiting), []
+        self.cur.execute(batch)
+        while self.cur.nextset():
+            pass
 
     def one(self, sql, params=()):
         return self.run(sql, params).fetchone()
@@ -390,16 +424,18 @@ class Tx:
         (row locks taken by SELECT ... FOR UPDATE stay on one node).  Its
         time is the database's, the clock the sweep compares it with."""
         m = self.store.money_in(max_cost)
-        self.run("INSERT INTO astcreditres (uniqueid, account, max_cost, max_secs, created)"
-                 " VALUES (?, ?, ?, ?, {now})", (uniqueid, account, m, max_secs))
-        self.run("UPDATE astaccount SET reserved = reserved + ? WHERE account = ?", (m, account))
+        # The account's row is locked by this transaction: it is there.
+        self.later("INSERT INTO astcreditres (uniqueid, account, max_cost, max_secs, created)"
+                   " VALUES (?, ?, ?, ?, {now})", (uniqueid, account, m, max_secs))
+        self.later("UPDATE astaccount SET reserved = reserved + ? WHERE account = ?",
+                   (m, account))
 
     def open_cdr(self, cdr):
         cdr = dict(cdr, rate=self.store.money_in(cdr["rate"]),
                    connect_fee=self.store.money_in(cdr["connect_fee"]))
         columns = ", ".join(cdr)
         marks = ", ".join("?" * len(cdr))
-        self.run(f"INSERT INTO astcdr ({columns}) VALUES ({marks})", tuple(cdr.values()))
+        self.later(f"INSERT INTO astcdr ({columns}) VALUES ({marks})", tuple(cdr.values()))
 
     def call_terms(self, uniqueid):
         """What settling a call needs, from its own rows; None if unknown.
@@ -444,8 +480,8 @@ class Tx:
         # the commit, which every call of the account waits for, is then held
         # for one statement less.
         if amount:
-            self.run("INSERT INTO astledger (account, amount, kind, uniqueid, created, actor)"
-                     " VALUES (?, ?, ?, ?, ?, ?)", (account, m, kind, uniqueid, now, actor))
+            self.later("INSERT INTO astledger (account, amount, kind, uniqueid, created, actor)"
+                       " VALUES (?, ?, ?, ?, ?, ?)", (account, m, kind, uniqueid, now, actor))
         changed = self.run("UPDATE astaccount SET balance = balance + ?, reserved = reserved - ?"
                            " WHERE account = ?",
                            (m, self.store.money_in(release or D(0)), account)).rowcount
@@ -453,14 +489,20 @@ class Tx:
             raise NotFound(f"no account {account}")
 
     def close_cdr(self, uniqueid, fields, again=False):
-        """Complete an active CDR (``again``: rewrite one the sweep settled
-        by policy); whether it was still so."""
+        """Complete an active CDR, which the caller knows is so (its
+        reservation was taken in this transaction): the update goes with the
+        commit.  ``again``: rewrite one the sweep settled by policy, and say
+        whether it was still so."""
         m = self.store.money_in
         fields = dict(fields, cost=m(fields["cost"]),
                       buy_cost=None if fields.get("buy_cost") is None else m(fields["buy_cost"]))
         sets = ", ".join(f"{name} = ?" for name in fields)
-        only = " AND state IN ('released', 'charged')" if again else " AND state = 'active'"
-        return self.run(f"UPDATE astcdr SET {sets} WHERE uniqueid = ?{only}",
+        if not again:
+            self.later(f"UPDATE astcdr SET {sets} WHERE uniqueid = ? AND state = 'active'",
+                       (*fields.values(), uniqueid))
+            return None
+        return self.run(f"UPDATE astcdr SET {sets} WHERE uniqueid = ?"
+                        " AND state IN ('released', 'charged')",
                         (*fields.values(), uniqueid)).rowcount == 1
 
     # -- administration ------------------------------------------------------

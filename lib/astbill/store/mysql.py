@@ -109,11 +109,25 @@ class CConnection:
     def cursor(self):
         return self
 
+    def mogrify(self, sql, params):
+        return sql % tuple(map(self._literal, params))
+
     def execute(self, sql, params=None):
         if params:
-            sql = sql % tuple(map(self._literal, params))
+            sql = self.mogrify(sql, params)
+        self._conn.query(sql.encode("utf-8"))
+        self._take_result()
+
+    def nextset(self):
+        """The next statement's result of a batch, if there is one (its
+        failure is raised here); as PyMySQL's cursor does."""
+        if self._conn.next_result() != 0:
+            return None
+        self._take_result()
+        return True
+
+    def _take_result(self):
         conn = self._conn
-        conn.query(sql.encode("utf-8"))
         # Only a statement with columns has rows to fetch; asking the others
         # for theirs would let go of the GIL and wait to take it back, for
         # nothing (a thread switch in a busy server).
@@ -163,7 +177,11 @@ class CConnection:
 _DEADLOCK = {1213}
 _TIMEOUT = {1205}
 _INTEGRITY = {1062}
-FOUND_ROWS = 2  # CLIENT_FOUND_ROWS, the same in every MySQL client library
+# The same in every MySQL client library: CLIENT_FOUND_ROWS, and
+# CLIENT_MULTI_STATEMENTS, for a batch of statements in one round trip
+# (Tx.later; every value in them is the driver's escaped literal).
+FOUND_ROWS = 2
+MULTI_STATEMENTS = 1 << 16
 
 
 def database_urls(database):
@@ -210,6 +228,7 @@ def _unquote(text):
 
 
 class MySQLStore(Store):
+    batches = True
     placeholder = "%s"
     lock_clause = " FOR UPDATE"
     begin_sql = "START TRANSACTION"
@@ -277,7 +296,7 @@ class MySQLStore(Store):
             read_timeout=self.settings.get("read_timeout_secs", timeout + 5),
             write_timeout=self.settings.get("read_timeout_secs", timeout + 5),
             # rowcount = rows matched, not rows changed: adding 0 is no "missing row".
-            client_flag=FOUND_ROWS,
+            client_flag=FOUND_ROWS | MULTI_STATEMENTS,
             init_command=f"SET SESSION innodb_lock_wait_timeout = {timeout}, autocommit = 1")
 
     def _ping(self, conn):
