@@ -631,6 +631,95 @@ def test_a_killed_process_is_replaced_and_its_call_left_to_the_sweep(tariff, two
     invariants(tariff, D10)
 
 
+def test_sigusr1_again_and_again_under_load_stops_nothing(tariff):
+    sigusr1_under_load(tariff, processes=1)
+
+
+@MARIADB_ONLY
+def test_sigusr1_again_and_again_to_every_process_under_load_stops_nothing(tariff):
+    sigusr1_under_load(tariff, processes=2)
+
+
+def sigusr1_under_load(tariff, processes):
+    """The counts line is written by a signal handler, which runs in the
+    thread it interrupts -- perhaps one holding the counts' locks: it
+    reads them without.  SIGUSR1 to every process (systemctl kill -s USR1)
+    200 times while 20 clients call: every call is billed, and SIGTERM
+    then drains."""
+    tariff.admin_ok("account", "add", "load", "--balance", "100000")
+    server = Server(tariff, processes=processes)
+    stop, results = threading.Event(), []
+
+    def caller():
+        while not stop.is_set():
+            results.append(server.call(Scenario(answered_ms=1000), account="load"))
+    try:
+        callers = [threading.Thread(target=caller) for _ in range(20)]
+        for t in callers:
+            t.start()
+        for _ in range(200):
+            for pid in [server.proc.pid] + server.children():
+                os.kill(pid, signal.SIGUSR1)
+            time.sleep(0.02)
+        stop.set()
+        for t in callers:
+            t.join(60)
+        assert not any(t.is_alive() for t in callers), server.log()
+        assert len(results) > 50
+        assert all(r.variables_set.get("ASTBILL_COST") == "0.0600" for r in results)
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0
+        assert server.lines[-1] == (f"astbill-fastagi: calls in progress 0, served"
+                                    f" {len(results)}, refused 0, errors 0")
+        invariants(tariff, {"1001": Decimal("10"), "load": Decimal("100000")})
+    finally:
+        stop.set()
+        server.stop()
+
+
+@MARIADB_ONLY
+def test_one_sigterm_to_every_process_drains_them(tariff, two_processes):
+    """systemctl stop sends SIGTERM to every process of the unit, and the
+    first passes its own on as well: a process drains however many it gets."""
+    held = held_in_each_process(two_processes)
+    for pid in [two_processes.proc.pid] + two_processes.children():
+        os.kill(pid, signal.SIGTERM)
+    for n in (1, 2):
+        assert two_processes.wait_for(f"process {n} of 2: SIGTERM: not accepting")
+    time.sleep(0.5)
+    assert two_processes.proc.poll() is None
+    for call, gate in held:
+        gate.set()
+        assert call.wait().variables_set["ASTBILL_COST"] == "0.1200"
+    assert two_processes.proc.wait(30) == 0
+    assert "second SIGTERM" not in two_processes.log()
+    assert tariff.reservations() == []
+    invariants(tariff, D10)
+
+
+@MARIADB_ONLY
+def test_a_sigterm_while_a_process_is_being_replaced_forks_none(tariff, two_processes):
+    first, _ = two_processes.children()
+    os.kill(first, signal.SIGKILL)      # died young: forked again after a pause
+    assert two_processes.wait_for("was killed by SIGKILL")
+    two_processes.proc.send_signal(signal.SIGTERM)      # within the pause
+    assert two_processes.proc.wait(30) == 0, two_processes.log()
+    assert "Error" not in two_processes.log()
+
+
+@pytest.mark.parametrize("billing", ["sqlite"], indirect=True)
+def test_a_signal_right_after_the_listening_line_is_handled(tariff):
+    """The line says the server is up: its signal handlers are in place."""
+    for _ in range(10):
+        server = Server(tariff)
+        try:
+            server.proc.send_signal(signal.SIGUSR1)
+            assert server.wait_for("calls in progress 0, served 0"), server.log()
+            assert server.proc.poll() is None
+        finally:
+            server.stop()
+
+
 def server_is_back(server, old, timeout=20):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -24,7 +24,7 @@ from ..config import ConfigError, config_path, forget, load
 from ..ledger import CAUSES, ERROR, answer_window, settle_time_bound
 from ..money import fmt
 from ..store import forget_sessions, is_sqlite, keep_sessions
-from .prefork import CallCounts, supervise
+from .prefork import ABANDON, SIGNALS, CallCounts, supervise
 
 ENV_BUDGET = 65536      # bytes an AGI environment block may take
 WORKER_IDLE_SECS = 300  # an idle worker thread (and its storage session) ends then
@@ -285,15 +285,19 @@ class FastAGIServer:
 
     # -- running -----------------------------------------------------------
 
-    def run(self):
-        """Serve until SIGTERM, then drain: the exit status."""
+    def run(self, announce=None):
+        """Serve until SIGTERM, then drain: the exit status.  ``announce``
+        is logged once the signal handlers are in place."""
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGHUP, self._on_hup)
         signal.signal(signal.SIGUSR1, self.counts.log)
+        if self.parent is not None:
+            signal.signal(ABANDON, lambda *_: self._abandon("second SIGTERM: exiting now"))
         # A forked process starts with them blocked, so that none is lost
         # before these handlers are in place.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGHUP,
-                                                    signal.SIGUSR1})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        if announce:
+            log(announce)
         # A call's storage work runs through ledger.attempt (the replay after
         # it, if its first statement fails so, waits for the next call).
         keep_sessions(UNPINGED_SECS)
@@ -303,7 +307,8 @@ class FastAGIServer:
         return self._drain()
 
     def _on_term(self, *_):
-        if self.stopping:
+        # A forked process leaves the second SIGTERM to its parent (ABANDON).
+        if self.stopping and self.parent is None:
             self._abandon("second SIGTERM: exiting now")
         self.stopping = True
 
@@ -512,15 +517,15 @@ def serve(argv):
         return 2
     lsock.setblocking(False)    # a process woken for a connection another took goes on
     host, port = lsock.getsockname()[:2]
-    log(f"astbill-fastagi: listening on {shown(host, port)} (config {config}"
-        + (f", {processes} processes)" if processes > 1 else ")"))
+    announce = (f"astbill-fastagi: listening on {shown(host, port)} (config {config}"
+                + (f", {processes} processes)" if processes > 1 else ")"))
     counts = CallCounts(processes)
     if processes == 1:
-        return FastAGIServer(config, settings, lsock, counts).run()
+        return FastAGIServer(config, settings, lsock, counts).run(announce)
     parent = os.getpid()
 
     def serve_one(index):
         counts.index = index
         return FastAGIServer(config, settings, lsock, counts, parent=parent,
                              name=f"astbill-fastagi process {index + 1} of {processes}").run()
-    return supervise(serve_one, processes, counts, lsock)
+    return supervise(serve_one, processes, counts, lsock, announce)

@@ -20,7 +20,11 @@ import time
 from . import _stderr as log
 
 FIELDS = ("calls", "served", "refused", "errors")
-PASSED_ON = (signal.SIGTERM, signal.SIGHUP)     # SIGUSR1 the parent answers itself
+# A forked process drains on SIGTERM, as often as it comes: systemd may send
+# it one besides the one the parent passes on.  ABANDON is the parent's
+# second SIGTERM, passed on: exit at once.
+ABANDON = signal.SIGUSR2
+SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, ABANDON)
 RESPAWN_PAUSE_SECS = 1  # a process that died this young is not forked again at once
 
 
@@ -62,14 +66,11 @@ class CallCounts:
     def mine(self, field):
         return self._table[self.index * len(FIELDS) + FIELDS.index(field)]
 
-    def totals(self):
-        """{field: the sum over every process}."""
-        with self._locked():
-            return {f: sum(self._table[i::len(FIELDS)]) for i, f in enumerate(FIELDS)}
-
     def log(self, *_):
-        """The SIGUSR1 line: the counts of every process on the socket."""
-        total = self.totals()
+        """The SIGUSR1 line: the counts of every process on the socket.
+        Read without the locks: a signal handler runs in the thread it
+        interrupts, which may hold them (each count is one aligned word)."""
+        total = {f: sum(self._table[i::len(FIELDS)]) for i, f in enumerate(FIELDS)}
         log(f"astbill-fastagi: calls in progress {total['calls']}, served {total['served']},"
             f" refused {total['refused']}, errors {total['errors']}")
 
@@ -99,12 +100,13 @@ def describe(status):
     return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited {code}"
 
 
-def supervise(serve_one, processes, counts, lsock):
+def supervise(serve_one, processes, counts, lsock, announce):
     """Fork ``processes`` processes, each running ``serve_one(index)`` on
     the listening socket ``lsock`` to its exit status, until SIGTERM has
-    stopped them all: 0 when every one drained, else 1.  SIGTERM and SIGHUP
-    are passed on; SIGUSR1 is answered here.  The parent must hold no
-    thread: a fork copies only the one that forks."""
+    stopped them all: 0 when every one drained, else 1.  SIGTERM (the
+    second as ABANDON) and SIGHUP are passed on; SIGUSR1 is answered here.
+    ``announce`` is logged once the handlers are in place.  The parent must
+    hold no thread: a fork copies only the one that forks."""
     children = {}           # pid -> (index, when it was forked)
     terms = []
 
@@ -112,15 +114,19 @@ def supervise(serve_one, processes, counts, lsock):
         if signum == signal.SIGTERM:
             terms.append(signum)
             lsock.close()   # the processes close theirs: no connection is taken any more
+            signum = signal.SIGTERM if len(terms) == 1 else ABANDON
         for pid in list(children):
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass
-    for signum in PASSED_ON:
-        signal.signal(signum, pass_on)
+    signal.signal(signal.SIGTERM, pass_on)
+    signal.signal(signal.SIGHUP, pass_on)
     signal.signal(signal.SIGUSR1, counts.log)
+    log(announce)
     for index in range(processes):
+        if terms:
+            break
         _fork(children, index, serve_one)
     status = 0
     while children:
@@ -134,15 +140,16 @@ def supervise(serve_one, processes, counts, lsock):
             " in progress are left to the sweep; starting it again")
         if time.monotonic() - born < RESPAWN_PAUSE_SECS:
             time.sleep(RESPAWN_PAUSE_SECS)
-        _fork(children, index, serve_one)
+        if not terms:   # else stopped during the pause: no new process
+            _fork(children, index, serve_one)
     counts.log()
     return status
 
 
 def _fork(children, index, serve_one):
-    """A process for ``index``, started with the passed-on signals blocked:
+    """A process for ``index``, started with the signals it handles blocked:
     it unblocks them once its own handlers are in place, so none is lost."""
-    blocked = set(PASSED_ON) | {signal.SIGUSR1}
+    blocked = set(SIGNALS)
     signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     try:
         pid = os.fork()
