@@ -215,6 +215,21 @@ def test_a_kept_connection_failing_unpinged_is_run_again_once_not_at_every_try(m
     assert not failed.value.unchecked
 
 
+def a_batch_refused(tariff, account, uniqueid, error):
+    """A transaction that takes 2 from ``account``'s balance, then reserves
+    3 on 1001 for ``uniqueid`` (writes that go with the COMMIT on MySQL),
+    is refused with ``error``."""
+    store = tariff.store()
+    try:
+        def work(tx):
+            tx.change_balance(account, Decimal("-2"), "adjust", None, "2026-12-04 00:00:00")
+            tx.add_reservation(uniqueid, "1001", Decimal("3"), 60)
+        with pytest.raises(error):
+            store.atomic(work)
+    finally:
+        store.close()
+
+
 def test_a_batch_that_fails_midway_commits_nothing(tariff):
     """A statement whose result is not read goes with the next one or the
     COMMIT (on MySQL); it fails as it would alone: a duplicate reservation
@@ -224,16 +239,11 @@ def test_a_batch_that_fails_midway_commits_nothing(tariff):
     store = tariff.store()
     try:
         store.atomic(lambda tx: tx.add_reservation("dup.1", "1001", Decimal("1"), 60))
-        ledger_rows = tariff.query("SELECT COUNT(*) FROM astledger")
-        reserved = tariff.query("SELECT reserved FROM astaccount WHERE account = '1001'")
-
-        def work(tx):
-            tx.change_balance("1001", Decimal("-2"), "adjust", None, "2026-12-04 00:00:00")
-            tx.add_reservation("dup.1", "1001", Decimal("3"), 60)
-        with pytest.raises(Conflict):
-            store.atomic(work)
     finally:
         store.close()
+    ledger_rows = tariff.query("SELECT COUNT(*) FROM astledger")
+    reserved = tariff.query("SELECT reserved FROM astaccount WHERE account = '1001'")
+    a_batch_refused(tariff, "1001", "dup.1", Conflict)
     assert tariff.balance("1001") == Decimal("10")
     assert tariff.query("SELECT reserved FROM astaccount WHERE account = '1001'") == reserved
     assert tariff.query("SELECT COUNT(*) FROM astledger") == ledger_rows
@@ -241,21 +251,15 @@ def test_a_batch_that_fails_midway_commits_nothing(tariff):
 
 def test_a_batch_that_waits_out_a_lock_commits_nothing(tariff):
     """The writes that go with the COMMIT wait for a locked row as alone:
-    past lock_wait_secs that is Busy, and the ledger row before the locked
-    update in the same batch is rolled back."""
+    past lock_wait_secs that is Busy, and the ledger row and balance change
+    before the locked update are rolled back."""
     tariff.admin_ok("account", "add", "other", "--balance", "5")
     tariff.write_config(lock_wait_secs=1)
     ledger_rows = tariff.query("SELECT COUNT(*) FROM astledger")
     lock = AccountLock(tariff)
-    store = tariff.store()
     try:
-        def work(tx):
-            tx.change_balance("other", Decimal("1"), "adjust", None, "2026-12-04 00:00:00")
-            tx.add_reservation("locked.1", "1001", Decimal("3"), 60)
-        with pytest.raises(Busy):
-            store.atomic(work)
+        a_batch_refused(tariff, "other", "locked.1", Busy)
     finally:
-        store.close()
         lock.release()
     assert tariff.balance("other") == Decimal("5")
     assert tariff.query("SELECT COUNT(*) FROM astledger") == ledger_rows
