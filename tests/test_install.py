@@ -33,8 +33,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -175,7 +177,7 @@ def box(request):
 
 def test_install_as_written_ends_in_a_billed_call_and_a_clean_audit(box):
     variant = {"sqlite": "SQLite", "mariadb": "MySQL/MariaDB"}[box.backend]
-    agi_args = token = curl = proxied = None
+    agi_args = token = curl = proxied = processes = None
     for heading, block_variant, lines in blocks(INSTALL.read_text()):
         if "Galera" in heading or block_variant not in ("", variant):
             continue
@@ -209,6 +211,8 @@ def test_install_as_written_ends_in_a_billed_call_and_a_clean_audit(box):
             curl = first
         elif first.startswith("[outbound]"):
             agi_args = re.search(r"AGI\(astbill\.py,?([^)]*)\)", "\n".join(lines)).group(1)
+        elif first.startswith("astbill-fastagi "):
+            processes = first
         elif not first.startswith(("[", "export ASTBILL_CONFIG=")):
             pytest.fail(f"INSTALL has a block this test does not know: {first!r}")
     assert box.edited and agi_args is not None
@@ -263,6 +267,25 @@ def test_install_as_written_ends_in_a_billed_call_and_a_clean_audit(box):
     finally:
         web.terminate()
         web.wait(30)
+
+    # FastAGI with one process per core, as INSTALL says for MariaDB; SQLite
+    # keeps to one, and astbill-fastagi says so.
+    command = box.adapt(f"/var/lib/asterisk/agi-bin/{processes} --listen 127.0.0.1:0").split()
+    server = subprocess.Popen(debian.other_user(command), stdin=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env=debian.env())
+    try:
+        line = server.stderr.readline()
+        if box.backend == "sqlite":
+            assert server.wait(30) == 2 and "--processes 2 needs MySQL or MariaDB" in line, line
+        else:
+            assert re.search(r"listening on 127\.0\.0\.1:\d+ \(config .*, 2 processes\)", line)
+            time.sleep(1)   # its processes are forked
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
 
     # 20 + 10, less the hand-run call (0.12) and this one (0.028).
     account = json.loads(box.admin("account", "show", "1001", "--json"))
