@@ -12,9 +12,17 @@ import time
 COM_QUERY = b"\x03"
 
 
+LINGER_SECS = 8
+
+
 class CommitCutter:
-    def __init__(self, port):
-        self.target = port
+    """``early``: cut the client as soon as its COMMIT is passed on, and
+    keep the server's side open a while: the server works through the
+    transaction (and commits it) with nobody waiting, as behind a network
+    that failed between them."""
+
+    def __init__(self, port, early=False):
+        self.target, self.early = port, early
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.armed = threading.Event()
@@ -53,11 +61,17 @@ class CommitCutter:
                     packet, pending = pending[:size], pending[size:]
                     payload = packet[4:]
                     # A COMMIT alone, or the last of a batch of statements.
-                    if (self.armed.is_set() and payload[:1] == COM_QUERY
-                            and payload[1:].strip().upper().rpartition(b";")[2] == b"COMMIT"):
+                    hit = (self.armed.is_set() and payload[:1] == COM_QUERY
+                           and payload[1:].strip().upper().rpartition(b";")[2] == b"COMMIT")
+                    if hit:
                         self.armed.clear()
                         dropping.set()
                     server.sendall(packet)
+                    if hit and self.early:
+                        self.cut.set()
+                        client.shutdown(socket.SHUT_RDWR)
+                        time.sleep(LINGER_SECS)
+                        return
         except OSError:
             pass
         finally:
@@ -74,6 +88,8 @@ class CommitCutter:
                 if not data:
                     break
                 if dropping.is_set():
+                    if self.early:
+                        continue       # nobody waits for it any more
                     time.sleep(0.05)   # the commit is done on the server: now cut
                     self.cut.set()
                     break

@@ -222,6 +222,38 @@ def test_a_lost_commit_reply_at_authorization_releases_the_call_it_refuses(
     invariants(tariff, D10)
 
 
+def test_an_authorization_cut_off_while_the_server_still_works_on_it_is_released(
+        tariff, request):
+    """The writes of an authorization go with its COMMIT, and may wait for
+    a lock; a connection lost meanwhile leaves the server working on it.
+    The release of the call it refuses waits for that transaction to end
+    (it holds the account's row), sees it committed, and releases it."""
+    if tariff.backend == "sqlite":
+        pytest.skip("SQLite's commit has no reply to lose")
+    import pymysql
+    from astbill.store.mysql import connect_args
+    from commit_cutter import CommitCutter
+    server = request.getfixturevalue("mariadb")
+    cutter = CommitCutter(server.port, early=True)
+    request.addfinalizer(cutter.close)
+    good = tariff.settings["database"]
+    tariff.write_config(database=cutter.url(good), sweep_policy="charge", lock_wait_secs=5)
+    # A locking read of a uniqueid that is not there (as a settlement's
+    # takes) locks the gap the reservation's INSERT goes into, for 2 s.
+    blocker = pymysql.connect(**connect_args(good), autocommit=False)
+    request.addfinalizer(blocker.close)
+    blocker.cursor().execute("SELECT * FROM astcreditres WHERE uniqueid = 'zzz' FOR UPDATE")
+    threading.Timer(2.0, blocker.rollback).start()
+    cutter.armed.set()
+    result = place_call(tariff, Scenario(answered_ms=61_000))
+    assert cutter.cut.is_set()
+    assert (result.variables_set["ASTBILL_STATUS"], result.dial_args) == ("ERROR", None)
+    assert result.verbose[-1].endswith("; it had committed and is released"), result.verbose
+    tariff.write_config(database=good)
+    assert sweep_later(tariff) == []       # nothing left that a charging sweep could take
+    invariants(tariff, D10)
+
+
 def test_a_repeated_uniqueid_is_refused_even_when_outages_are_allowed(tariff):
     tariff.write_config(on_db_error="allow")
     first = place_call(tariff, Scenario(answered_ms=61_000))

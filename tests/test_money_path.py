@@ -266,6 +266,38 @@ def test_a_batch_that_waits_out_a_lock_commits_nothing(tariff):
     assert tariff.reservations() == []
 
 
+def test_a_write_the_server_refuses_with_the_commit_is_no_commit_in_doubt(tariff):
+    """A write that goes with the COMMIT and that the server refuses (here
+    a ledger row without its kind) stopped the batch before the COMMIT:
+    the transaction is known not to have committed, so it is not in doubt
+    (in doubt is for a connection lost on the way)."""
+    ledger_rows = tariff.query("SELECT COUNT(*) FROM astledger")
+    store = tariff.store()
+    try:
+        def work(tx):
+            tx.lock_account("1001")
+            tx.later("INSERT INTO astledger (account, amount, kind, uniqueid, created, actor)"
+                     " VALUES (?, ?, ?, ?, ?, ?)",
+                     ("1001", store.money_in(Decimal("-1")), None, None, "2026-12-04 00:00:00",
+                      None))
+        with pytest.raises(StoreError) as failed:
+            store.atomic(work)
+    finally:
+        store.close()
+    assert not failed.value.in_doubt
+    assert tariff.query("SELECT COUNT(*) FROM astledger") == ledger_rows
+
+
+def test_a_write_in_a_read_is_refused_on_every_backend(tariff):
+    store = tariff.store()
+    try:
+        with pytest.raises(TypeError, match="a write in a read-only transaction"):
+            store.read(lambda tx: tx.later("UPDATE astaccount SET max_calls = 7"))
+    finally:
+        store.close()
+    assert tariff.query("SELECT max_calls FROM astaccount WHERE account = '1001'") == [(0,)]
+
+
 def test_deadlock_retries_that_run_out_are_busy_even_when_outages_are_allowed(tariff, monkeypatch):
     settings = dict(load(str(tariff.config)), on_db_error="allow")
     monkeypatch.setattr(ledger, "open_store", DeadlockingStore)

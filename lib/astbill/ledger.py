@@ -202,10 +202,19 @@ def authorize(settings, call):
 def release_in_doubt(settings, call):
     """The reservation's commit lost its reply, so it may hold: the call is
     refused and its reservation released now (or its release spooled),
-    never left for a sweep that might charge it in full.  What was done."""
+    never left for a sweep that might charge it in full.  What was done.
+
+    The server may still be working through that transaction (its writes
+    go with the COMMIT, and may wait for a lock): it holds the account's
+    row until it ends, so the release takes that lock first and then sees
+    it committed or not."""
     call.end("CANCEL", 0)
+
+    def release(store):
+        store.atomic(lambda tx: tx.lock_account(call.account))
+        return settle_call(store, call, settings)
     try:
-        attempt(settings, lambda store: settle_call(store, call, settings), 1)
+        attempt(settings, release, 1)
     except UnknownCall:
         return "it had not committed"
     except StoreError as exc:

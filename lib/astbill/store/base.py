@@ -78,6 +78,11 @@ class Store:
         """The server's error number of a driver error, or None."""
         return None
 
+    def _refused_by_server(self, exc):
+        """Whether a driver error is the server's answer (so what it was
+        asked to do stopped there), not a connection that failed."""
+        return False
+
     driver_errors = ()
 
     def money_in(self, amount):
@@ -185,8 +190,10 @@ class Store:
             self._rollback()
             error = self._error(exc, kind)
             # A lost reply to COMMIT: the server may have committed.  (A
-            # deadlock or certification failure at commit is a rollback.)
-            error.in_doubt = committing and type(error) is StoreError
+            # deadlock or certification failure at commit is a rollback, and
+            # so is any error the server answered: a batch stops there.)
+            error.in_doubt = (committing and type(error) is StoreError
+                              and not self._refused_by_server(exc))
             error.unchecked = unchecked and type(error) is StoreError and not error.in_doubt
             raise error from None
         except BaseException:
@@ -197,7 +204,7 @@ class Store:
         """Run read-only ``work(tx)`` outside a locking transaction."""
         try:
             # Both backends run in autocommit mode outside atomic(): no commit.
-            result = work(Tx(self, self.connection().cursor()))
+            result = work(Tx(self, self.connection().cursor(), reading=True))
             self._answered()
             return result
         except self.driver_errors as exc:
@@ -267,9 +274,10 @@ class Store:
 class Tx:
     """One transaction's statements, with money converted for the backend."""
 
-    def __init__(self, store, cur):
+    def __init__(self, store, cur, reading=False):
         self.store = store
         self.cur = cur
+        self.reading = reading  # Store.read's: autocommit, nothing to send writes with
         self._waiting = []      # statements for the next round trip (Store.batches)
 
     def run(self, sql, params=()):
@@ -287,6 +295,8 @@ class Tx:
         batches, it goes with the next statement or the commit, and a
         failure of it is raised there (and rolls the transaction back, as it
         would have here: a batch stops at its first failure)."""
+        if self.reading:
+            raise TypeError("a write in a read-only transaction")
         if not self.store.batches:
             self.run(sql, params)
             return

@@ -307,6 +307,13 @@ class MySQLStore(Store):
     def _code(self, exc):
         return exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
 
+    def _refused_by_server(self, exc):
+        # The server's own error numbers; 2000-2999 are the client
+        # library's (2013: the connection was lost), and 0 is PyMySQL's
+        # for a connection it found closed.
+        code = self._code(exc)
+        return code is not None and (1000 <= code < 2000 or code >= 3000)
+
     def _classify(self, exc):
         code = self._code(exc)
         if code in _DEADLOCK:
