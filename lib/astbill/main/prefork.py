@@ -30,8 +30,11 @@ RESPAWN_PAUSE_SECS = 1  # a process that died this young is not forked again at 
 
 class CallCounts:
     """Each server process's calls in progress, served, refused and errors,
-    in memory shared by all the processes, under a lock (threads) and a
-    record lock (processes) that the kernel lets go of if its holder dies.
+    in memory shared by all the processes.  A process changes only its own
+    counts, under a lock of its threads; taking a call, which reads every
+    process's, also takes a record lock (processes) that the kernel lets go
+    of if its holder dies.  A count read while its process lowers it is at
+    worst one call too many: a refusal, never a call over the bound.
     ``index``: the process whose counts this one changes."""
 
     def __init__(self, processes):
@@ -57,7 +60,7 @@ class CallCounts:
             return True
 
     def add(self, field, n=1):
-        with self._locked():
+        with self._lock:
             self._add(field, n)
 
     def _add(self, field, n):
