@@ -720,6 +720,24 @@ def test_a_signal_right_after_the_listening_line_is_handled(tariff):
             server.stop()
 
 
+def test_a_process_the_system_cannot_fork_yet_is_tried_again(monkeypatch, capsys):
+    from astbill.main import prefork
+    real_fork, failures = os.fork, [OSError(11, "Resource temporarily unavailable")]
+
+    def fork():
+        if failures:
+            raise failures.pop()
+        return real_fork()
+    monkeypatch.setattr(prefork.os, "fork", fork)
+    monkeypatch.setattr(prefork, "RESPAWN_PAUSE_SECS", 0.01)
+    children = {}
+    prefork._fork(children, 0, lambda index: 7, [])
+    [(pid, (index, _))] = children.items()
+    assert index == 0 and os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 7
+    assert ("astbill-fastagi: cannot start process 1: Resource temporarily unavailable"
+            in capsys.readouterr().err)
+
+
 def server_is_back(server, old, timeout=20):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -315,7 +315,6 @@ class FastAGIServer:
     def _on_hup(self, *_):
         self.reload_asked = True    # done in the accept loop, not inside a signal handler
 
-
     def _abandon(self, why):
         """Exit at once, as a killed process does: each call in progress
         keeps its reservation, and the sweep settles it by policy."""

@@ -100,7 +100,12 @@ class _Locked:
 
 def describe(status):
     code = os.waitstatus_to_exitcode(status)
-    return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited {code}"
+    if code >= 0:
+        return f"exited {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
 
 
 def supervise(serve_one, processes, counts, lsock, announce):
@@ -128,9 +133,7 @@ def supervise(serve_one, processes, counts, lsock, announce):
     signal.signal(signal.SIGUSR1, counts.log)
     log(announce)
     for index in range(processes):
-        if terms:
-            break
-        _fork(children, index, serve_one)
+        _fork(children, index, serve_one, terms)
     status = 0
     while children:
         pid, how = os.wait()
@@ -143,13 +146,23 @@ def supervise(serve_one, processes, counts, lsock, announce):
             " in progress are left to the sweep; starting it again")
         if time.monotonic() - born < RESPAWN_PAUSE_SECS:
             time.sleep(RESPAWN_PAUSE_SECS)
-        if not terms:   # else stopped during the pause: no new process
-            _fork(children, index, serve_one)
+        _fork(children, index, serve_one, terms)
     counts.log()
     return status
 
 
-def _fork(children, index, serve_one):
+def _fork(children, index, serve_one, terms):
+    """A process for ``index``, unless SIGTERM came (``terms``), tried again
+    after a pause while the system cannot fork one."""
+    while not terms:
+        try:
+            return _fork_one(children, index, serve_one)
+        except OSError as exc:
+            log(f"astbill-fastagi: cannot start process {index + 1}: {exc.strerror or exc}")
+            time.sleep(RESPAWN_PAUSE_SECS)
+
+
+def _fork_one(children, index, serve_one):
     """A process for ``index``, started with the signals it handles blocked:
     it unblocks them once its own handlers are in place, so none is lost."""
     blocked = set(SIGNALS)
