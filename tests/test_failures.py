@@ -202,20 +202,7 @@ def test_an_outage_at_authorization_refuses_quickly(tariff):
 @pytest.mark.parametrize("on_db_error", ["refuse", "allow"])
 def test_a_lost_commit_reply_at_authorization_releases_the_call_it_refuses(
         tariff, request, on_db_error):
-    if tariff.backend == "sqlite":
-        pytest.skip("SQLite's commit has no reply to lose")
-    from commit_cutter import CommitCutter
-    server = request.getfixturevalue("mariadb")
-    cutter = CommitCutter(server.port)
-    request.addfinalizer(cutter.close)
-    good = tariff.settings["database"]
-    tariff.write_config(database=cutter.url(good), sweep_policy="charge", on_db_error=on_db_error)
-    cutter.armed.set()
-    result = place_call(tariff, Scenario(answered_ms=61_000))
-    assert cutter.cut.is_set()
-    assert (result.variables_set["ASTBILL_STATUS"], result.dial_args) == ("ERROR", None)
-    assert result.verbose[-1].endswith("; it had committed and is released"), result.verbose
-    tariff.write_config(database=good)
+    result = released_after_a_lost_commit(tariff, request, on_db_error=on_db_error)
     cdr = tariff.cdr(result.uniqueid)
     assert (cdr["state"], cdr["cost"], cdr["disposition"]) == ("settled", Decimal(0), "NO ANSWER")
     assert sweep_later(tariff) == []       # nothing left that a charging sweep could take
@@ -232,26 +219,36 @@ def test_an_authorization_cut_off_while_the_server_still_works_on_it_is_released
         pytest.skip("SQLite's commit has no reply to lose")
     import pymysql
     from astbill.store.mysql import connect_args
-    from commit_cutter import CommitCutter
-    server = request.getfixturevalue("mariadb")
-    cutter = CommitCutter(server.port, early=True)
-    request.addfinalizer(cutter.close)
-    good = tariff.settings["database"]
-    tariff.write_config(database=cutter.url(good), sweep_policy="charge", lock_wait_secs=5)
     # A locking read of a uniqueid that is not there (as a settlement's
     # takes) locks the gap the reservation's INSERT goes into, for 2 s.
-    blocker = pymysql.connect(**connect_args(good), autocommit=False)
+    blocker = pymysql.connect(**connect_args(tariff.settings["database"]), autocommit=False)
     request.addfinalizer(blocker.close)
     blocker.cursor().execute("SELECT * FROM astcreditres WHERE uniqueid = 'zzz' FOR UPDATE")
     threading.Timer(2.0, blocker.rollback).start()
+    released_after_a_lost_commit(tariff, request, early=True, lock_wait_secs=5)
+    assert sweep_later(tariff) == []       # nothing left that a charging sweep could take
+    invariants(tariff, D10)
+
+
+def released_after_a_lost_commit(tariff, request, early=False, **settings):
+    """A call whose authorization's COMMIT lost its reply (a CommitCutter,
+    ``early`` or not), with ``settings`` and a charging sweep: refused, and
+    released as committed.  The result."""
+    if tariff.backend == "sqlite":
+        pytest.skip("SQLite's commit has no reply to lose")
+    from commit_cutter import CommitCutter
+    server = request.getfixturevalue("mariadb")
+    cutter = CommitCutter(server.port, early=early)
+    request.addfinalizer(cutter.close)
+    good = tariff.settings["database"]
+    tariff.write_config(database=cutter.url(good), sweep_policy="charge", **settings)
     cutter.armed.set()
     result = place_call(tariff, Scenario(answered_ms=61_000))
     assert cutter.cut.is_set()
     assert (result.variables_set["ASTBILL_STATUS"], result.dial_args) == ("ERROR", None)
     assert result.verbose[-1].endswith("; it had committed and is released"), result.verbose
     tariff.write_config(database=good)
-    assert sweep_later(tariff) == []       # nothing left that a charging sweep could take
-    invariants(tariff, D10)
+    return result
 
 
 def test_a_repeated_uniqueid_is_refused_even_when_outages_are_allowed(tariff):
