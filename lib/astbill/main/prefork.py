@@ -64,10 +64,14 @@ class CallCounts:
             self._add(field, n)
 
     def _add(self, field, n):
-        self._table[self.index * len(FIELDS) + FIELDS.index(field)] += n
+        self._table[self._mine(field)] += n
 
     def mine(self, field):
-        return self._table[self.index * len(FIELDS) + FIELDS.index(field)]
+        return self._table[self._mine(field)]
+
+    def _mine(self, field):
+        """Where this process's ``field`` is in the table."""
+        return self.index * len(FIELDS) + FIELDS.index(field)
 
     def log(self, *_):
         """The SIGUSR1 line: the counts of every process on the socket.
