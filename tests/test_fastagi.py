@@ -22,6 +22,16 @@ SERVER = str(ROOT / "astbill-fastagi")
 D10 = {"1001": Decimal("10")}
 
 
+def until(condition, timeout):
+    """Whether ``condition()`` came true within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 class Server:
     """One astbill-fastagi process, its stderr collected line by line."""
 
@@ -35,10 +45,8 @@ class Server:
         threading.Thread(target=self._read, daemon=True).start()
         assert self.listening.wait(30), self.log()
         self.address = ("127.0.0.1", self.port)
-        deadline = time.monotonic() + 10    # the listening line is written before the forks
-        while processes > 1 and len(self.children()) < processes:
-            assert time.monotonic() < deadline, self.log()
-            time.sleep(0.05)
+        # The listening line is written before the forks.
+        assert processes == 1 or until(lambda: len(self.children()) >= processes, 10), self.log()
 
     def _read(self):
         for line in self.proc.stderr:
@@ -52,12 +60,7 @@ class Server:
         return "\n".join(self.lines)
 
     def wait_for(self, pattern, timeout=20):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(re.search(pattern, line) for line in self.lines):
-                return True
-            time.sleep(0.05)
-        return False
+        return until(lambda: any(re.search(pattern, line) for line in self.lines), timeout)
 
     def call(self, scenario=None, number="4912345678", account="1001", script="astbill",
              **env):
@@ -622,7 +625,9 @@ def test_a_killed_process_is_replaced_and_its_call_left_to_the_sweep(tariff, two
     assert two_processes.wait_for("process 2 of 2 was killed by SIGKILL")
     gate.set()
     assert "ASTBILL_COST" not in call.wait().variables_set
-    assert server_is_back(two_processes, first)
+    # Two new processes, none of the killed ones.
+    assert until(lambda: len(two_processes.children()) == 2
+                 and not set(two_processes.children()) & set(first), 20)
     # The new processes serve; the old call waits for the sweep.
     result = two_processes.call(Scenario(answered_ms=1000))
     assert result.variables_set["ASTBILL_COST"] == "0.0600", result.dialogue_text()
@@ -738,16 +743,6 @@ def test_a_process_the_system_cannot_fork_yet_is_tried_again(monkeypatch, capsys
             in capsys.readouterr().err)
 
 
-def server_is_back(server, old, timeout=20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        now = server.children()
-        if len(now) == 2 and not set(now) & set(old):
-            return True
-        time.sleep(0.1)
-    return False
-
-
 @MARIADB_ONLY
 def test_when_the_parent_is_killed_its_processes_settle_their_calls_and_end(
         tariff, two_processes):
@@ -763,11 +758,7 @@ def test_when_the_parent_is_killed_its_processes_settle_their_calls_and_end(
     result = call.wait()
     result.uniqueid = call.uniqueid
     billed(tariff, result, 61, "0.1200", "9.88")
-    deadline = time.monotonic() + 30
-    while any(os.path.exists(f"/proc/{pid}") for pid in children) and (
-            time.monotonic() < deadline):
-        time.sleep(0.1)
-    assert not any(os.path.exists(f"/proc/{pid}") for pid in children)
+    assert until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in children), 30)
     invariants(tariff, D10)
 
 
