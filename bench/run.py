@@ -107,11 +107,12 @@ FASTAGI = str(ROOT / "astbill-fastagi")
 MARIADB_SOCKET = None   # the bench's MariaDB's Unix socket, once it is started
 
 
-def start_fastagi(config, processes=1):
+def start_fastagi(config, processes=1, pin=True):
     """An astbill-fastagi server on a free loopback port: (process, port)."""
     import re
     proc = subprocess.Popen([PY, FASTAGI, "-c", str(config), "--listen", "127.0.0.1:0",
-                             "--processes", str(processes)], stderr=subprocess.PIPE, text=True)
+                             "--processes", str(processes), *([] if pin else ["--no-pin"])],
+                            stderr=subprocess.PIPE, text=True)
     line = proc.stderr.readline()
     found = re.search(r"listening on [\d.]+:(\d+)", line)
     if not found:
@@ -177,8 +178,8 @@ def current_rss_kb(pid):
     return 0
 
 
-def fastagi_report(label, config, runs, volumes, floor_rss, processes=1):
-    proc, port = start_fastagi(config, processes)
+def fastagi_report(label, config, runs, volumes, floor_rss, processes=1, pin=True):
+    proc, port = start_fastagi(config, processes, pin)
     try:
         times = sorted(fastagi_call(port, "shared", "4912345678")[0] for _ in range(runs))
         p99 = times[max(0, int(len(times) * 0.99) - 1)] * 1000
@@ -509,12 +510,18 @@ def print_cell(name, label, samples, floor):
 
 def fastagi_rows(workdir, backends, args):
     floor_rss = floor_rss_kb()
-    print("\nFastAGI (astbill-fastagi, one server, x2: --processes 2; a call is connect -> EXEC Dial"
-          f" -> settled -> close; floor RSS, the bare interpreter: {floor_rss / 1024:.1f} MB):")
+    print("\nFastAGI (astbill-fastagi, one server, x2: --processes 2, unpinned: --no-pin; a call"
+          " is connect -> EXEC Dial -> settled -> close; floor RSS, the bare interpreter:"
+          f" {floor_rss / 1024:.1f} MB):")
     volumes = [int(v) for v in args.fastagi_calls.split(",")]
     for label, database, *_ in backends:
-        fastagi_report(label, workdir / f"{label.lower()}.yaml", args.runs, volumes, floor_rss)
+        config = workdir / f"{label.lower()}.yaml"
+        fastagi_report(label, config, args.runs, volumes, floor_rss)
+        # Each process is kept to one CPU; left to the scheduler beside it.
+        fastagi_report(f"{label} unpinned", config, args.runs, [], floor_rss, pin=False)
         if label == "MariaDB":
+            fastagi_report("MariaDB x2 unpinned", config, args.runs, [], floor_rss, processes=2,
+                           pin=False)
             fastagi_report("MariaDB (PyMySQL)", workdir / "pymysql.yaml", args.runs, volumes,
                            floor_rss)
             # On one box the database is also reached over its Unix socket

@@ -35,11 +35,14 @@ def until(condition, timeout):
 class Server:
     """One astbill-fastagi process, its stderr collected line by line."""
 
-    def __init__(self, billing, processes=1):
+    def __init__(self, billing, processes=1, args=(), cpus=None):
+        """``cpus``: the CPUs it may run on (taskset), if not the test's."""
         self.billing = billing
         self.proc = subprocess.Popen([sys.executable, SERVER, "-c", str(billing.config),
-                                      "--listen", "127.0.0.1:0", "--processes", str(processes)],
-                                     stderr=subprocess.PIPE, text=True, env=billing.env)
+                                      "--listen", "127.0.0.1:0", "--processes", str(processes),
+                                      *args],
+                                     stderr=subprocess.PIPE, text=True, env=billing.env,
+                                     preexec_fn=cpus and (lambda: os.sched_setaffinity(0, cpus)))
         self.lines = []
         self.listening = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -531,6 +534,68 @@ def test_sqlite_is_served_by_one_process(tariff):
     assert (done.returncode, done.stderr) == (2, (
         "astbill-fastagi: --processes 2 needs MySQL or MariaDB: on SQLite one process's"
         " threads take turns for the file's lock\n"))
+
+
+def cpus_of(pid):
+    """The CPUs each thread of process ``pid`` may run on, as one set of sets."""
+    return {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def pinned(server, processes, cpus):
+    """The CPU each of the server's processes keeps to, every thread of it
+    (the workers too, once a call has been served): the CPUs it may run on,
+    in turn."""
+    assert server.call(Scenario()).variables_set["ASTBILL_STATUS"] == "OK"
+    serving = server.children() if processes > 1 else [server.proc.pid]
+    found = [cpus_of(pid) for pid in serving]
+    assert all(len(threads) == 1 and len(next(iter(threads))) == 1 for threads in found), found
+    allowed = sorted(cpus)
+    expected = [allowed[index % len(allowed)] for index in range(processes)]
+    assert sorted(min(next(iter(threads))) for threads in found) == sorted(expected)
+    assert server.wait_for(r"pinned to CPUs? " + ",".join(map(str, expected)) + r"\)$")
+
+
+def test_the_server_keeps_to_one_cpu(tariff):
+    server = Server(tariff)
+    try:
+        pinned(server, 1, os.sched_getaffinity(0))
+    finally:
+        server.stop()
+
+
+def test_the_server_keeps_to_the_cpus_it_is_given(tariff):
+    last = {max(os.sched_getaffinity(0))}
+    server = Server(tariff, cpus=last)
+    try:
+        pinned(server, 1, last)
+    finally:
+        server.stop()
+
+
+@MARIADB_ONLY
+def test_each_process_keeps_to_a_cpu_of_its_own_in_turn(tariff):
+    server = Server(tariff, processes=2)
+    try:
+        pinned(server, 2, os.sched_getaffinity(0))
+    finally:
+        server.stop()
+    # More processes than CPUs: they share them in turn.
+    last = {max(os.sched_getaffinity(0))}
+    server = Server(tariff, processes=2, cpus=last)
+    try:
+        pinned(server, 2, last)
+    finally:
+        server.stop()
+
+
+def test_no_pin_leaves_the_server_to_the_scheduler(tariff):
+    server = Server(tariff, args=["--no-pin"])
+    try:
+        assert server.call(Scenario()).variables_set["ASTBILL_STATUS"] == "OK"
+        assert cpus_of(server.proc.pid) == {frozenset(os.sched_getaffinity(0))}
+        assert "pinned" not in server.log()
+    finally:
+        server.stop()
 
 
 @MARIADB_ONLY

@@ -24,7 +24,7 @@ from ..config import ConfigError, config_path, forget, load
 from ..ledger import CAUSES, ERROR, answer_window, settle_time_bound
 from ..money import fmt
 from ..store import forget_sessions, is_sqlite, keep_sessions
-from .prefork import ABANDON, SIGNALS, CallCounts, supervise
+from .prefork import ABANDON, SIGNALS, CallCounts, cpus_for, keep_to, supervise
 
 ENV_BUDGET = 65536      # bytes an AGI environment block may take
 WORKER_IDLE_SECS = 300  # an idle worker thread (and its storage session) ends then
@@ -32,7 +32,7 @@ REFUSED_READ_SECS = 2   # how long a refused connection is read out before it is
 ADMITTED_PEERS = 1024   # peers whose admission is remembered (Asterisk boxes are few)
 UNPINGED_SECS = 1.0     # a kept storage session that answered this recently is not pinged
 MAX_PROCESSES = 64
-USAGE = ("usage: astbill-fastagi [-c FILE] [--listen HOST:PORT] [--processes N]"
+USAGE = ("usage: astbill-fastagi [-c FILE] [--listen HOST:PORT] [--processes N] [--no-pin]"
          f" (N from 1 to {MAX_PROCESSES})")
 
 
@@ -463,9 +463,9 @@ class FastAGIServer:
 
 
 def parse_command_line(argv):
-    """(config file, host, port, processes) from astbill-fastagi's
-    arguments, or None."""
-    config, listen, processes = None, "127.0.0.1:4573", "1"
+    """(config file, host, port, processes, whether to pin them to CPUs)
+    from astbill-fastagi's arguments, or None."""
+    config, listen, processes, pin = None, "127.0.0.1:4573", "1", True
     args = list(argv)
     while args:
         opt = args.pop(0)
@@ -475,6 +475,8 @@ def parse_command_line(argv):
             listen = args.pop(0)
         elif opt == "--processes" and args:
             processes = args.pop(0)
+        elif opt == "--no-pin":
+            pin = False
         else:
             return None
     host, _, port = listen.rpartition(":")
@@ -483,7 +485,7 @@ def parse_command_line(argv):
         return None
     if not 1 <= int(processes) <= MAX_PROCESSES:
         return None
-    return os.path.abspath(config_path(config)), host, int(port), int(processes)
+    return os.path.abspath(config_path(config)), host, int(port), int(processes), pin
 
 
 def shown(host, port):
@@ -498,7 +500,7 @@ def serve(argv):
     if parsed is None:
         log(USAGE)
         return 2
-    config, host, port, processes = parsed
+    config, host, port, processes, pin = parsed
     try:
         settings = load(config)
     except ConfigError as exc:
@@ -516,15 +518,20 @@ def serve(argv):
         return 2
     lsock.setblocking(False)    # a process woken for a connection another took goes on
     host, port = lsock.getsockname()[:2]
+    cpus = cpus_for(processes) if pin else None
     announce = (f"astbill-fastagi: listening on {shown(host, port)} (config {config}"
-                + (f", {processes} processes)" if processes > 1 else ")"))
+                + (f", {processes} processes" if processes > 1 else "")
+                + (f", pinned to CPU{'s' if processes > 1 else ''}"
+                   f" {','.join(map(str, cpus))}" if cpus else "") + ")")
     counts = CallCounts(processes)
     if processes == 1:
+        keep_to(cpus and cpus[0])
         return FastAGIServer(config, settings, lsock, counts).run(announce)
     parent = os.getpid()
 
     def serve_one(index):
         counts.index = index
+        keep_to(cpus and cpus[index])
         return FastAGIServer(config, settings, lsock, counts, parent=parent,
                              name=f"astbill-fastagi process {index + 1} of {processes}").run()
     return supervise(serve_one, processes, counts, lsock, announce)
