@@ -17,5 +17,6 @@ def test_the_benchmark_runs_end_to_end():
     assert "after the bursts: audit: ok" in out
     assert "refused 0" in out
     assert "SQLite               connect -> EXEC Dial median" in out and "60 calls" in out
+    assert "SQLite unpinned      connect -> EXEC Dial median" in out
     assert "SQLite dashboard, first (30 days read)" in out and "SQLite CDR page" in out
     assert "SQLite: authorize" in out and "while a console refreshes every second" in out

@@ -278,7 +278,8 @@ def test_install_as_written_ends_in_a_billed_call_and_a_clean_audit(box):
         if box.backend == "sqlite":
             assert server.wait(30) == 2 and "--processes 2 needs MySQL or MariaDB" in line, line
         else:
-            assert re.search(r"listening on 127\.0\.0\.1:\d+ \(config .*, 2 processes, pinned to CPUs [\d,]+\)", line)
+            assert re.search(r"listening on 127\.0\.0\.1:\d+ \(config .*, 2 processes,"
+                             r" pinned to CPUs [\d,]+\)", line)
             time.sleep(1)   # its processes are forked
             server.send_signal(signal.SIGTERM)
             assert server.wait(30) == 0

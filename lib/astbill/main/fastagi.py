@@ -5,7 +5,7 @@ next call while it is idle; at most fastagi_max_calls at once, one more
 answered ASTBILL_STATUS=ERROR at once.  SIGTERM stops accepting and lets
 the calls in progress settle; SIGHUP reads the config again; SIGUSR1 logs
 the counts.  With --processes N, N such processes share the listening
-socket (``prefork``).
+socket (``prefork``).  Each process keeps to one CPU unless --no-pin.
 """
 import ipaddress
 import os
@@ -519,19 +519,33 @@ def serve(argv):
     lsock.setblocking(False)    # a process woken for a connection another took goes on
     host, port = lsock.getsockname()[:2]
     cpus = cpus_for(processes) if pin else None
-    announce = (f"astbill-fastagi: listening on {shown(host, port)} (config {config}"
-                + (f", {processes} processes" if processes > 1 else "")
-                + (f", pinned to CPU{'s' if processes > 1 else ''}"
-                   f" {','.join(map(str, cpus))}" if cpus else "") + ")")
     counts = CallCounts(processes)
     if processes == 1:
-        keep_to(cpus and cpus[0])
-        return FastAGIServer(config, settings, lsock, counts).run(announce)
+        problem = keep_to(cpus[0]) if cpus else None
+        return FastAGIServer(config, settings, lsock, counts).run(
+            listening(host, port, config, processes, cpus, problem))
     parent = os.getpid()
 
     def serve_one(index):
         counts.index = index
-        keep_to(cpus and cpus[index])
-        return FastAGIServer(config, settings, lsock, counts, parent=parent,
-                             name=f"astbill-fastagi process {index + 1} of {processes}").run()
-    return supervise(serve_one, processes, counts, lsock, announce)
+        name = f"astbill-fastagi process {index + 1} of {processes}"
+        problem = keep_to(cpus[index]) if cpus else None
+        if problem:
+            log(f"{name}: {problem}")
+        return FastAGIServer(config, settings, lsock, counts, parent=parent, name=name).run()
+    return supervise(serve_one, processes, counts, lsock,
+                     listening(host, port, config, processes, cpus))
+
+
+def listening(host, port, config, processes, cpus, problem=None):
+    """The line that says the server is up: where, with which config, how
+    many processes, kept to which CPUs (with --processes, as planned: a
+    process that cannot keep to its CPU says so)."""
+    line = f"astbill-fastagi: listening on {shown(host, port)} (config {config}"
+    if processes > 1:
+        line += f", {processes} processes"
+    if problem:
+        return f"{line}; {problem})"
+    if cpus:
+        line += f", pinned to CPU{'s' if processes > 1 else ''} {','.join(map(str, cpus))}"
+    return line + ")"

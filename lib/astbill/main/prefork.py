@@ -2,7 +2,8 @@
 
 A Python process runs one thread at a time, and a busy server's threads
 spend about as much CPU handing that lock to each other as on the calls
-(on MariaDB, 2.7 ms per call with 100 clients, 1.4 ms with one).  N
+(on MariaDB, 2.7 ms per call with 100 clients, 1.4 ms with one; less
+with the process kept to one CPU, ``cpus_for``).  N
 processes forked once the socket is bound take its connections in turn,
 whichever is free first.  Their counts live in memory they share, so
 fastagi_max_calls bounds all of them together.  The parent serves no call:
@@ -104,28 +105,28 @@ class _Locked:
 
 def cpus_for(processes):
     """The CPU each of ``processes`` server processes keeps to: those this
-    one may run on (systemd's CPUAffinity=, taskset), in turn; None where
+    one may run on (systemd's CPUAffinity=, taskset), from the highest
+    down (the first CPUs take most of the interrupts), in turn; None where
     the system cannot say.  A process's threads take turns for its one
     interpreter lock, and a turn handed to a thread on another CPU costs
-    that CPU a wake-up: kept to one CPU, a process spent a third less CPU
-    per call with 100 calls at once (README, "Measured")."""
+    that CPU a wake-up: kept to one CPU, a process spent an eighth to
+    nearly half less CPU per call with 100 calls at once (README, "Measured")."""
     try:
-        allowed = sorted(os.sched_getaffinity(0))
+        allowed = sorted(os.sched_getaffinity(0), reverse=True)
     except (AttributeError, OSError):
         return None
     return [allowed[index % len(allowed)] for index in range(processes)]
 
 
 def keep_to(cpu):
-    """Keep this process to ``cpu`` (None: anywhere).  Called before the
-    process starts a thread: its threads are then all kept there."""
-    if cpu is None:
-        return
+    """Keep this process to ``cpu``: None, or why it could not (it then
+    runs anywhere).  Called before the process starts a thread: its
+    threads are then all kept there."""
     try:
         os.sched_setaffinity(0, {cpu})
     except OSError as exc:
-        log(f"astbill-fastagi: cannot keep to CPU {cpu}: {exc.strerror or exc}; left to the"
-            " scheduler")
+        return f"cannot keep to CPU {cpu}: {exc.strerror or exc}; left to the scheduler"
+    return None
 
 
 def describe(status):
