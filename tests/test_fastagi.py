@@ -553,7 +553,8 @@ def pinned(server, processes, cpus):
     assert server.call(Scenario()).variables_set["ASTBILL_STATUS"] == "OK"
     serving = server.children() if processes > 1 else [server.proc.pid]
     allowed = sorted(cpus, reverse=True)
-    expected = sorted(allowed[index % len(allowed)] for index in range(processes))
+    planned = [allowed[index % len(allowed)] for index in range(processes)]
+    expected = sorted(planned)
 
     def kept():
         found = [cpus_of(pid) for pid in serving]
@@ -561,8 +562,7 @@ def pinned(server, processes, cpus):
                 and sorted(min(next(iter(threads))) for threads in found) == expected)
     # A forked process may not have reached its CPU yet when the call is served.
     assert until(kept, 10), [cpus_of(pid) for pid in serving]
-    shown = ",".join(str(allowed[index % len(allowed)]) for index in range(processes))
-    assert server.wait_for(r"pinned to CPUs? " + shown + r"\)$")
+    assert server.wait_for(r"pinned to CPUs? " + ",".join(map(str, planned)) + r"\)$")
 
 
 @TWO_CPUS
